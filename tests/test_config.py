@@ -1,0 +1,334 @@
+"""Tests of torchtitan_mtp.config: TOML + CLI parsing, type/range/combination checks."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+import torchtitan_mtp  # noqa: F401  (must run before torchtitan is imported: CPU shims)
+from torchtitan_mtp.config import (
+    MTP,
+    OCC,
+    ConfigError,
+    Data,
+    MTPJobConfig,
+    parse_job_config,
+    validate_job_config,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN_CONFIGS = sorted((REPO / "train_configs").glob("*.toml"))
+
+
+def write_toml(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "job.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def parse_toml(tmp_path: Path, text: str, *cli: str) -> MTPJobConfig:
+    return parse_job_config(["--job.config_file", write_toml(tmp_path, text), *cli])
+
+
+def toml_error(tmp_path: Path, text: str, *cli: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        parse_toml(tmp_path, text, *cli)
+    return str(info.value)
+
+
+def to_toml(obj: object, prefix: str = "") -> str:
+    """Minimal TOML writer for a config dataclass (None values are omitted)."""
+    scalars, tables = [], []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            tables.append(to_toml(value, f"{prefix}{f.name}."))
+        elif value is not None:
+            scalars.append(f"{f.name} = {json.dumps(value)}")
+    header = [f"[{prefix[:-1]}]"] if prefix else []
+    return "\n".join(header + scalars + [""] + tables)
+
+
+# --- what lands where ---------------------------------------------------------------------
+
+
+def test_defaults_parse_without_config_file():
+    config = parse_job_config([])
+    expected = MTPJobConfig()
+    assert config.mtp == MTP() and config.occ == OCC() and config.data == Data()
+    assert (config.rl, config.rollout, config.reward, config.eval) == (
+        expected.rl,
+        expected.rollout,
+        expected.reward,
+        expected.eval,
+    )
+    assert config.training == expected.training
+
+
+def test_toml_values_land_in_every_section(tmp_path):
+    config = parse_toml(
+        tmp_path,
+        """
+        [mtp]
+        num_modules = 3
+        regime = "occ"
+        coefficient = 0.5
+        init = "last_block"
+        logprob_chunk_size = 256
+        [occ]
+        estimator = "mean_of_ratios"
+        apply_to = "loss"
+        clamp_min = 0.5
+        clamp_max = 2.0
+        [rl]
+        steps = 7
+        [rollout]
+        engine = "vllm"
+        [reward]
+        function = "contains"
+        [data]
+        max_digits = 4
+        num_train = 100
+        num_heldout = 10
+        seed = 5
+        [eval]
+        every_steps = 3
+        [training]
+        steps = 11
+        [training.dataloader]
+        num_workers = 2
+        """,
+    )
+    assert config.mtp == MTP(3, "occ", 0.5, "last_block", 256)
+    assert config.occ == OCC("mean_of_ratios", 1e-8, "loss", 0.5, 2.0)
+    assert config.rl.steps == 7 and config.rollout.engine == "vllm"
+    assert config.reward.function == "contains" and config.eval.every_steps == 3
+    assert config.data == Data("arithmetic", 4, 100, 10, 5)
+    assert config.training.steps == 11 and config.training.dataloader.num_workers == 2
+
+
+def test_cli_override_beats_toml(tmp_path):
+    config = parse_toml(tmp_path, '[mtp]\nregime = "occ"\n', "--mtp.regime", "policy")
+    assert config.mtp.regime == "policy"
+
+
+def test_config_file_equals_form_is_accepted(tmp_path):
+    path = write_toml(tmp_path, "[rl]\nsteps = 4\n")
+    assert parse_job_config([f"--job.config_file={path}"]).rl.steps == 4
+
+
+def test_every_default_value_round_trips_through_toml(tmp_path):
+    """The TOML type checker accepts every default of every section, TorchTitan's too."""
+    defaults = MTPJobConfig()
+    parsed = parse_toml(tmp_path, to_toml(defaults))
+    parsed.job.config_file = None
+    assert parsed == defaults
+
+
+def test_int_is_accepted_and_converted_for_float_field(tmp_path):
+    config = parse_toml(tmp_path, "[mtp]\ncoefficient = 1\n[occ]\nclamp_max = 3\n")
+    assert config.mtp.coefficient == 1.0 and isinstance(config.mtp.coefficient, float)
+    assert config.occ.clamp_max == 3.0 and isinstance(config.occ.clamp_max, float)
+
+
+def test_float_or_int_field_keeps_an_int(tmp_path):
+    assert type(parse_toml(tmp_path, "[training]\nmax_norm = 2\n").training.max_norm) is int
+
+
+# --- unknown names --------------------------------------------------------------------------
+
+
+def test_unknown_section_names_section_file_and_valid_sections(tmp_path):
+    message = toml_error(tmp_path, "[mtpp]\nregime = 'occ'\n")
+    assert message.startswith(f"{tmp_path / 'job.toml'}: unknown section [mtpp]")
+    assert "did you mean [mtp]?" in message
+    assert "valid sections:" in message and "training" in message and "occ" in message
+
+
+def test_unknown_key_names_key_file_and_closest_match(tmp_path):
+    message = toml_error(tmp_path, "[mtp]\nregim = 'occ'\n")
+    assert message.startswith(f"{tmp_path / 'job.toml'}: unknown key 'mtp.regim'")
+    assert "did you mean 'mtp.regime'?" in message
+    assert "valid keys in [mtp]: num_modules, regime, coefficient" in message
+
+
+def test_unknown_key_without_close_match_has_no_suggestion(tmp_path):
+    message = toml_error(tmp_path, "[rl]\nzzzz = 1\n")
+    assert "unknown key 'rl.zzzz'" in message and "did you mean" not in message
+
+
+def test_unknown_key_in_nested_table_names_dotted_path(tmp_path):
+    message = toml_error(tmp_path, "[training.dataloader]\nnum_workerz = 1\n")
+    assert "unknown key 'training.dataloader.num_workerz'" in message
+    assert "did you mean 'training.dataloader.num_workers'?" in message
+
+
+def test_key_outside_any_section_is_rejected(tmp_path):
+    assert "key 'steps' is outside any [section]" in toml_error(tmp_path, "steps = 3\n")
+
+
+# --- types ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "toml, expected",
+    [
+        ('[mtp]\nnum_modules = "two"', ["mtp.num_modules = 'two' (str)", "allowed: int"]),
+        ("[mtp]\nregime = 3", ["mtp.regime = 3 (int)", "'detach', 'ce', 'policy', 'occ'"]),
+        ("[training]\nsteps = 1.5", ["training.steps = 1.5 (float)", "allowed: int"]),
+        ("[data]\nmax_digits = true", ["data.max_digits = True (bool)", "allowed: int"]),
+        ("[mtp]\ncoefficient = false", ["mtp.coefficient = False (bool)", "allowed: float"]),
+        ('[occ]\nclamp_min = "low"', ["occ.clamp_min = 'low' (str)", "allowed: float or None"]),
+        ('[job]\nprint_config = "yes"', ["job.print_config = 'yes' (str)", "allowed: bool"]),
+        ("[reward]\nfunction = 1", ["reward.function = 1 (int)", "allowed: str"]),
+        ('[model]\nconverters = "float8"', ["model.converters = 'float8'", "list[str]"]),
+        ("[model]\nconverters = [1]", ["model.converters = [1] (list)", "list[str]"]),
+        ('[training.dataloader]\nnum_workers = "x"', ["training.dataloader.num_workers"]),
+        ("[training]\ndataloader = 3", ["training.dataloader must be a table"]),
+        (
+            '[parallelism]\nmodule_fqns_per_model_part = [["a"], [1]]',
+            ["parallelism.module_fqns_per_model_part", "list[list[str]] or None"],
+        ),
+    ],
+)
+def test_wrong_type_names_key_value_type_and_allowed(tmp_path, toml, expected):
+    message = toml_error(tmp_path, toml + "\n")
+    assert message.startswith(f"{tmp_path / 'job.toml'}: ")
+    for fragment in expected:
+        assert fragment in message
+
+
+def test_invalid_literal_value_names_the_choices(tmp_path):
+    message = toml_error(tmp_path, '[rollout]\nengine = "sglang"\n')
+    assert "rollout.engine = 'sglang' (str) is not valid" in message
+    assert "allowed: one of 'native', 'vllm'" in message
+
+
+def test_cli_type_error_is_left_to_tyro(capsys):
+    with pytest.raises(SystemExit) as info:
+        parse_job_config(["--mtp.num_modules", "two"])
+    assert info.value.code == 2
+
+
+# --- ranges ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "toml, expected",
+    [
+        ("[mtp]\nnum_modules = -1", "mtp.num_modules = -1 is out of range; allowed: >= 0"),
+        ("[mtp]\ncoefficient = -0.5", "mtp.coefficient = -0.5 is out of range; allowed: >= 0"),
+        (
+            "[mtp]\nlogprob_chunk_size = 0",
+            "mtp.logprob_chunk_size = 0 is out of range; allowed: > 0",
+        ),
+        ("[occ]\neps = 0.0", "occ.eps = 0.0 is out of range; allowed: > 0"),
+        ("[rl]\nsteps = -2", "rl.steps = -2 is out of range; allowed: >= 0"),
+        ("[data]\nmax_digits = 10", "data.max_digits = 10 is out of range; allowed: >= 1 and <= 9"),
+        ("[data]\nmax_digits = 0", "data.max_digits = 0 is out of range; allowed: >= 1 and <= 9"),
+        ("[data]\nnum_train = 0", "data.num_train = 0 is out of range; allowed: > 0"),
+        ("[eval]\nevery_steps = -1", "eval.every_steps = -1 is out of range; allowed: >= 0"),
+    ],
+)
+def test_out_of_range_toml_value_names_key_value_and_range(tmp_path, toml, expected):
+    assert toml_error(tmp_path, toml + "\n") == f"{tmp_path / 'job.toml'}: {expected}"
+
+
+def test_out_of_range_cli_value_is_rejected():
+    with pytest.raises(ConfigError, match=r"^command line: mtp.num_modules = -1 is out of range"):
+        parse_job_config(["--mtp.num_modules", "-1"])
+
+
+# --- combinations ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("regime", ["occ", "policy", "ce"])
+def test_regime_training_mtp_heads_needs_mtp_modules(tmp_path, regime):
+    message = toml_error(tmp_path, f'[mtp]\nnum_modules = 0\nregime = "{regime}"\n')
+    assert (
+        f"regime '{regime}' trains MTP heads but mtp.num_modules = 0; "
+        "set num_modules >= 1 or use regime 'detach'"
+    ) in message
+
+
+def test_detach_regime_allows_zero_mtp_modules(tmp_path):
+    config = parse_toml(tmp_path, '[mtp]\nnum_modules = 0\nregime = "detach"\n')
+    assert config.mtp.num_modules == 0
+
+
+def test_combination_made_impossible_by_cli_override_is_rejected(tmp_path):
+    message = toml_error(tmp_path, '[mtp]\nregime = "occ"\n', "--mtp.num_modules", "0")
+    assert message.startswith(f"{tmp_path / 'job.toml'} + command line: regime 'occ'")
+
+
+def test_occ_clamp_min_above_clamp_max_is_rejected(tmp_path):
+    message = toml_error(tmp_path, "[occ]\nclamp_min = 2.0\nclamp_max = 1.0\n")
+    assert "occ.clamp_min = 2.0 > occ.clamp_max = 1.0" in message
+
+
+def test_seq_len_not_divisible_by_tensor_parallel_degree_is_rejected(tmp_path):
+    toml = "[training]\nseq_len = 100\n[parallelism]\ntensor_parallel_degree = 3\n"
+    message = toml_error(tmp_path, toml)
+    assert "training.seq_len = 100 is not divisible by parallelism.tensor_parallel_degree = 3" in (
+        message
+    )
+
+
+def test_seq_len_divisible_by_tensor_parallel_degree_is_accepted(tmp_path):
+    toml = "[training]\nseq_len = 96\n[parallelism]\ntensor_parallel_degree = 3\n"
+    assert parse_toml(tmp_path, toml).parallelism.tensor_parallel_degree == 3
+
+
+def test_local_batch_size_below_one_is_rejected(tmp_path):
+    message = toml_error(tmp_path, "[training]\nlocal_batch_size = 0\n")
+    assert "training.local_batch_size = 0 must be >= 1" in message
+
+
+def test_negative_training_steps_is_rejected():
+    with pytest.raises(ConfigError, match="training.steps = -1 must be >= 0"):
+        parse_job_config(["--training.steps", "-1"])
+
+
+# --- files ----------------------------------------------------------------------------------
+
+
+def test_missing_config_file_names_the_path(tmp_path):
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match=f"config file not found: {missing}"):
+        parse_job_config(["--job.config_file", str(missing)])
+
+
+def test_toml_syntax_error_names_file_and_parser_message(tmp_path):
+    message = toml_error(tmp_path, "[mtp]\nregime = occ\n")
+    assert message.startswith(f"{tmp_path / 'job.toml'}: TOML syntax error: ")
+    assert "line 2" in message
+
+
+# --- validate_job_config on configs built in Python ----------------------------------------
+
+
+def test_validate_job_config_accepts_defaults():
+    validate_job_config(MTPJobConfig())
+
+
+def test_validate_job_config_reports_every_problem_with_source():
+    config = MTPJobConfig(mtp=MTP(num_modules=-1), data=Data(max_digits=12))
+    with pytest.raises(ConfigError) as info:
+        validate_job_config(config, source="built.py")
+    message = str(info.value)
+    assert message.startswith("built.py: ")
+    assert "mtp.num_modules = -1" in message and "data.max_digits = 12" in message
+
+
+# --- the repository's own configs -----------------------------------------------------------
+
+
+def test_repo_has_train_configs():
+    assert TRAIN_CONFIGS, f"no *.toml in {REPO / 'train_configs'}"
+
+
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
+def test_repo_train_config_parses_and_validates(path):
+    config = parse_job_config(["--job.config_file", str(path)])
+    validate_job_config(config, source=str(path))

@@ -1,0 +1,317 @@
+"""Job configuration: TorchTitan's ``JobConfig`` plus the MTP / OCC / RL sections.
+
+Precedence is TorchTitan's: dataclass defaults < TOML (``--job.config_file PATH``) < CLI
+overrides (``--mtp.regime policy``), parsed by tyro through TorchTitan's ``ConfigManager``.
+On top of that, every TOML value is checked against its field's type hint, range limits
+(``field(metadata={"ge": 0})``) and cross-field constraints are checked after the CLI, and
+every problem raises :class:`ConfigError` naming the file, the key, the value and what is
+allowed. CLI type errors are left to tyro (``SystemExit(2)``), as in TorchTitan.
+
+Run ``python -m torchtitan_mtp.config --help`` to list every option.
+"""
+
+import difflib
+import operator
+import sys
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Literal
+
+from torchtitan.config import ConfigManager, JobConfig
+
+__all__ = [
+    "MTP",
+    "OCC",
+    "RL",
+    "ConfigError",
+    "Data",
+    "Eval",
+    "MTPConfigManager",
+    "MTPJobConfig",
+    "Reward",
+    "Rollout",
+    "parse_job_config",
+    "validate_job_config",
+]
+
+
+@dataclass
+class MTP:
+    num_modules: int = field(default=1, metadata={"ge": 0})
+    """Number of Multi-Token-Prediction modules (module k predicts token t+1+k); 0 = none"""
+
+    regime: Literal["detach", "ce", "policy", "occ"] = "detach"
+    """How MTP heads are trained during RL: detached, cross-entropy, policy loss, or OCC"""
+
+    coefficient: float = field(default=0.1, metadata={"ge": 0})
+    """Base coefficient c of the MTP loss (verl's mtp_loss_scaling_factor)"""
+
+    init: Literal["random", "last_block"] = "random"
+    """Init of fresh MTP modules: TorchTitan's random init, or a copy of the last trunk block"""
+
+    logprob_chunk_size: int = field(default=1024, metadata={"gt": 0})
+    """Sequence chunk length for the chunked log-prob / cross-entropy computation"""
+
+
+@dataclass
+class OCC:
+    estimator: Literal["ratio_of_means", "mean_of_ratios"] = "ratio_of_means"
+    """How the OCC correction ratio is estimated over a batch"""
+
+    eps: float = field(default=1e-8, metadata={"gt": 0})
+    """Numerical floor for the denominator of the OCC ratio"""
+
+    apply_to: Literal["advantage", "loss"] = "advantage"
+    """Whether the OCC correction scales the advantage or the per-token loss"""
+
+    clamp_min: float | None = None
+    """Lower clamp of the OCC correction (None = unclamped)"""
+
+    clamp_max: float | None = None
+    """Upper clamp of the OCC correction (None = unclamped)"""
+
+
+@dataclass
+class RL:
+    steps: int = field(default=0, metadata={"ge": 0})
+    """RL steps after the SFT stage; 0 = SFT only"""
+
+
+@dataclass
+class Rollout:
+    engine: Literal["native", "vllm"] = "native"
+    """Rollout engine: the in-process TorchTitan model, or vLLM"""
+
+
+@dataclass
+class Reward:
+    function: str = "exact_match"
+    """Name of the reward function applied to rollouts"""
+
+
+@dataclass
+class Data:
+    name: Literal["arithmetic"] = "arithmetic"
+    """Synthetic task to train on"""
+
+    max_digits: int = field(default=2, metadata={"ge": 1, "le": 9})
+    """Maximum number of digits per operand"""
+
+    num_train: int = field(default=20000, metadata={"gt": 0})
+    """Number of training examples"""
+
+    num_heldout: int = field(default=256, metadata={"gt": 0})
+    """Number of held-out examples for evaluation"""
+
+    seed: int = 1234
+    """Seed of the data generator"""
+
+
+@dataclass
+class Eval:
+    every_steps: int = field(default=0, metadata={"ge": 0})
+    """Evaluate on the held-out set every N steps; 0 disables"""
+
+
+@dataclass
+class MTPJobConfig(JobConfig):
+    """TorchTitan's JobConfig plus the sections of torchtitan_mtp."""
+
+    mtp: MTP = field(default_factory=MTP)
+    occ: OCC = field(default_factory=OCC)
+    rl: RL = field(default_factory=RL)
+    rollout: Rollout = field(default_factory=Rollout)
+    reward: Reward = field(default_factory=Reward)
+    data: Data = field(default_factory=Data)
+    eval: Eval = field(default_factory=Eval)
+
+
+class ConfigError(ValueError):
+    """An invalid job configuration (file, key, type, range or combination)."""
+
+
+_BAD = object()  # sentinel: value does not fit the annotation
+_RANGES = {
+    "ge": (operator.ge, ">="),
+    "gt": (operator.gt, ">"),
+    "le": (operator.le, "<="),
+    "lt": (operator.lt, "<"),
+}
+_FILE_FLAGS = ("--job.config_file", "--job.config-file")
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return ``value`` checked against (and, int -> float, converted to) ``tp``, or _BAD."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return value if any(value == a and type(value) is type(a) for a in args) else _BAD
+    if origin in (typing.Union, types.UnionType):
+        for arg in sorted(args, key=lambda a: a is float):  # float | int keeps an int
+            if (out := _coerce(value, arg)) is not _BAD:
+                return out
+        return _BAD
+    if tp is type(None):
+        return value if value is None else _BAD
+    if tp in (int, float) and isinstance(value, bool):
+        return _BAD
+    if tp is float:
+        return float(value) if isinstance(value, int | float) else _BAD
+    if tp in (int, str, bool):
+        return value if isinstance(value, tp) else _BAD
+    if list in (tp, origin):
+        if not isinstance(value, list):
+            return _BAD
+        items = [_coerce(v, args[0]) for v in value] if args else value
+        return _BAD if any(i is _BAD for i in items) else items
+    if dict in (tp, origin):
+        if not isinstance(value, dict):
+            return _BAD
+        items = {k: _coerce(v, args[1]) for k, v in value.items()} if args else value
+        return _BAD if any(i is _BAD for i in items.values()) else items
+    return value  # unknown annotation kinds (Any, custom types): accept
+
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if tp is type(None):
+        return "None (omit the key)"
+    return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
+
+
+def _range_problem(f: Any, path: str, value: Any) -> str | None:
+    """Describe how ``value`` violates the ``ge``/``gt``/``le``/``lt`` metadata of ``f``."""
+    bounds = [(k, f.metadata[k]) for k in _RANGES if k in f.metadata]
+    if value is None or all(_RANGES[k][0](value, b) for k, b in bounds):
+        return None
+    allowed = " and ".join(f"{_RANGES[k][1]} {b}" for k, b in bounds)
+    return f"{path} = {value!r} is out of range; allowed: {allowed}"
+
+
+def _unknown(prefix: str, key: str, valid: list[str]) -> str:
+    """Message for a TOML key (or, with an empty prefix, a section) that is not a field."""
+    close = difflib.get_close_matches(key, valid, n=1)
+    if not prefix:
+        hint = f" (did you mean [{close[0]}]?)" if close else ""
+        return f"unknown section [{key}]{hint}; valid sections: {', '.join(valid)}"
+    hint = f" (did you mean '{prefix}.{close[0]}'?)" if close else ""
+    return f"unknown key '{prefix}.{key}'{hint}; valid keys in [{prefix}]: {', '.join(valid)}"
+
+
+def _find_config_file(args: list[str]) -> tuple[str | None, int]:
+    """``(path, number of CLI tokens it took)`` of ``--job.config_file``, as TorchTitan finds it."""
+    for i, arg in enumerate(args):
+        key, eq, value = arg.partition("=")
+        if key in _FILE_FLAGS and eq:
+            return value, 1
+        if key in _FILE_FLAGS and i + 1 < len(args):
+            return args[i + 1], 2
+    return None, 0
+
+
+class MTPConfigManager(ConfigManager):
+    """TorchTitan's ConfigManager for :class:`MTPJobConfig`, with checked TOML and errors."""
+
+    def __init__(self) -> None:
+        super().__init__(config_cls=MTPJobConfig)
+        # The TOML file (prefix of TOML errors) and the origin of the final values.
+        self.file = self.source = "<defaults>"
+
+    def _maybe_load_toml(self, args: list[str]) -> dict[str, Any] | None:
+        path, n_tokens = _find_config_file(args)
+        self.file = path or "<defaults>"
+        origins = ([path] if path else []) + (["command line"] if len(args) > n_tokens else [])
+        self.source = " + ".join(origins) or "<defaults>"
+        if path is None:
+            return None
+        try:
+            with open(path, "rb") as f:
+                return tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: TOML syntax error: {e}") from None
+
+    def _dict_to_dataclass(self, cls: Any, data: dict[str, Any], prefix: str = "") -> Any:
+        src = self.file
+        hints, by_name = typing.get_type_hints(cls), {f.name: f for f in fields(cls) if f.init}
+        kwargs = {}
+        for key, value in data.items():
+            path = f"{prefix}.{key}" if prefix else key
+            if key not in by_name:
+                if not prefix and not isinstance(value, dict):
+                    raise ConfigError(f"{src}: key '{key}' is outside any [section]")
+                raise ConfigError(f"{src}: " + _unknown(prefix, key, list(by_name)))
+            tp = hints[key]
+            if is_dataclass(tp):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{src}: {path} must be a table [{path}], got {value!r}")
+                kwargs[key] = self._dict_to_dataclass(tp, value, path)
+                continue
+            if (out := _coerce(value, tp)) is _BAD:
+                raise ConfigError(
+                    f"{src}: {path} = {value!r} ({type(value).__name__}) is not valid; "
+                    f"allowed: {_describe(tp)}"
+                )
+            if problem := _range_problem(by_name[key], path, out):
+                raise ConfigError(f"{src}: {problem}")
+            kwargs[key] = out
+        return cls(**kwargs)
+
+    def _validate_config(self) -> None:
+        super()._validate_config()
+        validate_job_config(self.config, self.source)
+
+
+def _leaves(obj: Any, prefix: str = "") -> typing.Iterator[tuple[Any, str, Any]]:
+    for f in fields(obj):
+        value, path = getattr(obj, f.name), f"{prefix}{f.name}"
+        if is_dataclass(value):
+            yield from _leaves(value, f"{path}.")
+        else:
+            yield f, path, value
+
+
+def validate_job_config(config: MTPJobConfig, source: str = "<config>") -> None:
+    """Check range limits (field metadata) and cross-field constraints of ``config``.
+
+    Raises :class:`ConfigError` listing every problem, prefixed with ``source``.
+    """
+    problems = [p for f, path, v in _leaves(config) if (p := _range_problem(f, path, v))]
+    mtp, occ, training, tp = config.mtp, config.occ, config.training, config.parallelism
+    if mtp.regime != "detach" and mtp.num_modules == 0:
+        problems.append(
+            f"regime '{mtp.regime}' trains MTP heads but mtp.num_modules = 0; "
+            "set num_modules >= 1 or use regime 'detach'"
+        )
+    if None not in (occ.clamp_min, occ.clamp_max) and occ.clamp_min > occ.clamp_max:
+        problems.append(f"occ.clamp_min = {occ.clamp_min} > occ.clamp_max = {occ.clamp_max}")
+    degree = tp.tensor_parallel_degree
+    if degree > 1 and training.seq_len % degree:
+        problems.append(
+            f"training.seq_len = {training.seq_len} is not divisible by "
+            f"parallelism.tensor_parallel_degree = {degree}"
+        )
+    if training.local_batch_size < 1:
+        problems.append(f"training.local_batch_size = {training.local_batch_size} must be >= 1")
+    if training.steps < 0:
+        problems.append(f"training.steps = {training.steps} must be >= 0")
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def parse_job_config(args: list[str] | None = None) -> MTPJobConfig:
+    """Parse defaults < TOML (``--job.config_file``) < CLI into a validated MTPJobConfig."""
+    config = MTPConfigManager().parse_args(sys.argv[1:] if args is None else list(args))
+    return typing.cast(MTPJobConfig, config)
+
+
+if __name__ == "__main__":
+    print(parse_job_config())

@@ -1,0 +1,1 @@
+"""Data: the embedded arithmetic task and its tokenizer."""

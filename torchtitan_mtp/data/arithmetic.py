@@ -1,0 +1,141 @@
+"""The embedded arithmetic task: deterministic addition problems and the SFT dataloader.
+
+Problems are ``"{a}+{b}="`` with answer ``"{a + b}"``, operands of 1..``max_digits``
+digits. The held-out split is drawn first and never appears in the train split.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.stateful import Stateful
+from torch.utils.data import IterableDataset
+from torchtitan.components.dataloader import ParallelAwareDataloader
+from torchtitan.components.tokenizer import BaseTokenizer
+from torchtitan.config import JobConfig
+
+from ..models.logprobs import IGNORE_INDEX
+
+__all__ = ["Problem", "SFTDataset", "arithmetic_problems", "build_sft_dataloader"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str
+    answer: str
+
+
+def _draw(rng: random.Random, max_digits: int) -> Problem:
+    operands = []
+    for _ in range(2):
+        digits = rng.randint(1, max_digits)
+        operands.append(rng.randrange(0 if digits == 1 else 10 ** (digits - 1), 10**digits))
+    a, b = operands
+    return Problem(prompt=f"{a}+{b}=", answer=str(a + b))
+
+
+def arithmetic_problems(
+    seed: int, max_digits: int, num_train: int, num_heldout: int
+) -> tuple[list[Problem], list[Problem]]:
+    """Deterministic (train, held-out) splits; held-out problems are unique and unseen."""
+    space = (10**max_digits) ** 2
+    if num_heldout > space // 2:
+        raise ValueError(
+            f"data.num_heldout = {num_heldout} is too large for max_digits = {max_digits} "
+            f"(at most {space // 2} distinct problems may be held out)"
+        )
+    rng = random.Random(seed)
+    heldout: dict[Problem, None] = {}
+    while len(heldout) < num_heldout:
+        heldout[_draw(rng, max_digits)] = None
+    train = []
+    while len(train) < num_train:
+        problem = _draw(rng, max_digits)
+        if problem not in heldout:
+            train.append(problem)
+    return train, list(heldout)
+
+
+class SFTDataset(IterableDataset, Stateful):
+    """Endless, rank-sharded stream of (input [S], labels [S]) SFT samples.
+
+    A sample is ``<bos> prompt answer <eos>``, right-padded to ``seq_len + 1`` tokens;
+    labels are the next tokens, with the prompt and the padding set to ``IGNORE_INDEX``
+    (the loss covers the answer and <eos>). Each epoch visits the problems in a new
+    seeded order; the position in the stream is checkpointed.
+    """
+
+    def __init__(
+        self,
+        problems: list[Problem],
+        tokenizer: BaseTokenizer,
+        seq_len: int,
+        seed: int,
+        dp_rank: int = 0,
+        dp_world_size: int = 1,
+    ):
+        self.problems, self.tokenizer, self.seq_len, self.seed = problems, tokenizer, seq_len, seed
+        self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
+        self.pad_id = tokenizer.tokenizer.token_to_id("<pad>") or 0
+        self._index = 0  # samples this rank has produced
+
+    def encode(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> input ids [seq_len], labels [seq_len]."""
+        prompt = self.tokenizer.encode(problem.prompt, add_bos=True, add_eos=False)
+        answer = self.tokenizer.encode(problem.answer, add_bos=False, add_eos=True)
+        ids = prompt + answer
+        if len(ids) > self.seq_len + 1:
+            raise ValueError(
+                f"problem {problem.prompt}{problem.answer!r} has {len(ids)} tokens, more than "
+                f"training.seq_len + 1 = {self.seq_len + 1}; raise training.seq_len"
+            )
+        tokens = torch.full((self.seq_len + 1,), self.pad_id, dtype=torch.long)
+        tokens[: len(ids)] = torch.tensor(ids)
+        labels = tokens[1:].clone()
+        labels[: len(prompt) - 1] = IGNORE_INDEX
+        labels[len(ids) - 1 :] = IGNORE_INDEX
+        return tokens[:-1], labels
+
+    def _problem(self, global_index: int) -> Problem:
+        epoch, offset = divmod(global_index, len(self.problems))
+        order = list(range(len(self.problems)))
+        random.Random(self.seed + epoch).shuffle(order)
+        return self.problems[order[offset]]
+
+    def __iter__(self):
+        while True:
+            global_index = self._index * self.dp_world_size + self.dp_rank
+            self._index += 1
+            yield self.encode(self._problem(global_index))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"index": self._index}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._index = state_dict["index"]
+
+
+def _collate(samples: list[tuple[torch.Tensor, torch.Tensor]]):
+    inputs, labels = zip(*samples, strict=True)
+    return {"input": torch.stack(inputs)}, torch.stack(labels)
+
+
+def build_sft_dataloader(
+    dp_world_size: int, dp_rank: int, tokenizer: BaseTokenizer, job_config: JobConfig, **kwargs
+) -> ParallelAwareDataloader:
+    """The TrainSpec dataloader builder: the SFT split of ``[data]``."""
+    data = job_config.data
+    train, _ = arithmetic_problems(data.seed, data.max_digits, data.num_train, data.num_heldout)
+    dataset = SFTDataset(
+        train, tokenizer, job_config.training.seq_len, data.seed, dp_rank, dp_world_size
+    )
+    return ParallelAwareDataloader(
+        dataset,
+        dp_rank=dp_rank,
+        dp_world_size=dp_world_size,
+        batch_size=job_config.training.local_batch_size,
+        collate_fn=_collate,
+    )

@@ -1,0 +1,217 @@
+"""Tensor parallelism, activation checkpointing, compile and FSDP2 for the MTP transformer.
+
+Applied from outside the model, TorchTitan-style. The trunk blocks and the MTP blocks get
+the same TP plan as TorchTitan's Qwen3 blocks (sequence parallel between blocks). The
+embedding and the output head are replicated over the TP mesh: the output head computes
+exact full-vocabulary log-probs per sequence chunk (no loss-parallel), and a tied
+embedding/output pair stays one parameter.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+from torchtitan.config import TORCH_DTYPE_MAP, JobConfig
+from torchtitan.distributed import ParallelDims
+from torchtitan.distributed.activation_checkpoint import apply_ac
+from torchtitan.models.llama3.infra.parallelize import (
+    apply_compile,
+    disable_fsdp_gradient_division,
+)
+from torchtitan.models.qwen3.infra.parallelize import _op_sac_save_list
+from torchtitan.tools.logging import logger
+
+from ..platform import enable_gloo_sum_reduction
+from .model import MTPTransformer, TokenStats
+
+__all__ = ["apply_fsdp", "apply_tp", "parallelize_mtp"]
+
+
+def parallelize_mtp(
+    model: MTPTransformer, parallel_dims: ParallelDims, job_config: JobConfig
+) -> MTPTransformer:
+    """The TrainSpec ``parallelize_fn``: TP, then AC, then compile, then FSDP2."""
+    if parallel_dims.pp_enabled or parallel_dims.cp_enabled or parallel_dims.ep_enabled:
+        raise ValueError(
+            "torchtitan-mtp supports data parallel (FSDP/HSDP) and tensor parallel only; "
+            "set parallelism.pipeline/context/expert_parallel_degree = 1"
+        )
+    seq_len = job_config.training.seq_len
+    if seq_len % parallel_dims.seq_len_divisor:
+        raise ValueError(
+            f"training.seq_len = {seq_len} must be divisible by the TP degree {parallel_dims.tp}"
+        )
+    if parallel_dims.tp_enabled:
+        apply_tp(model, parallel_dims.get_mesh("tp"))
+
+    compile_enabled = job_config.compile.enable and "model" in job_config.compile.components
+    for blocks in _block_groups(model):
+        if job_config.activation_checkpoint.mode != "none":
+            apply_ac(
+                blocks,
+                job_config.activation_checkpoint,
+                model_compile_enabled=compile_enabled,
+                op_sac_save_list=_op_sac_save_list,
+                base_folder=job_config.job.dump_folder,
+            )
+        if compile_enabled:
+            apply_compile(blocks, job_config.compile)
+    for k, module in model.mtp.items():  # put the wrapped MTP blocks back
+        module.block = _mtp_blocks(model).layers[k]
+
+    if parallel_dims.fsdp_enabled:
+        names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
+        training = job_config.training
+        apply_fsdp(
+            model,
+            parallel_dims.get_mesh(names),
+            param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
+            reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce],
+            cpu_offload=training.enable_cpu_offload,
+            reshard_after_forward_policy=job_config.parallelism.fsdp_reshard_after_forward,
+        )
+        logger.info("Applied FSDP2 to the trunk and the MTP modules")
+    elif parallel_dims.dp_replicate_enabled:
+        raise ValueError("pure DDP is not supported; use data_parallel_shard_degree (FSDP)")
+    return model
+
+
+class _BlockView(nn.Module):
+    """A ``layers`` container that TorchTitan's apply_ac/apply_compile can walk."""
+
+    def __init__(self, layers: nn.ModuleDict):
+        super().__init__()
+        self.layers = layers
+
+
+def _mtp_blocks(model: MTPTransformer) -> _BlockView:
+    view = getattr(model, "_mtp_block_view", None)
+    if view is None:
+        view = _BlockView(nn.ModuleDict({k: m.block for k, m in model.mtp.items()}))
+        object.__setattr__(model, "_mtp_block_view", view)  # not a submodule
+    return view
+
+
+def _block_groups(model: MTPTransformer) -> list[nn.Module]:
+    return [model, _mtp_blocks(model)] if len(model.mtp) else [model]
+
+
+def _block_tp_plan() -> dict:
+    """TorchTitan's Qwen3 per-block plan (dense FFN, no CP)."""
+    return {
+        "attention_norm": SequenceParallel(),
+        "attention": PrepareModuleInput(
+            input_layouts=(Shard(1), Replicate(), None, None),
+            desired_input_layouts=(Replicate(), Replicate(), None, None),
+        ),
+        "attention.wq": ColwiseParallel(use_local_output=False),
+        "attention.wk": ColwiseParallel(use_local_output=False),
+        "attention.wv": ColwiseParallel(use_local_output=False),
+        "attention.q_norm": SequenceParallel(sequence_dim=2),
+        "attention.k_norm": SequenceParallel(sequence_dim=2),
+        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+        "ffn_norm": SequenceParallel(),
+        "feed_forward": PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+        ),
+        "feed_forward.w1": ColwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        "feed_forward.w3": ColwiseParallel(),
+    }
+
+
+def _embedding_input(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+    return tuple(DTensor.from_local(x, mesh, [Replicate()]) for x in inputs)
+
+
+def _embedding_output(module: nn.Module, output: DTensor, mesh: DeviceMesh) -> torch.Tensor:
+    return output.redistribute(mesh, [Shard(1)]).to_local()  # [B, S / tp, D]
+
+
+def _head_input(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+    hidden, labels, *rest = inputs  # hidden: local [H, B, S / tp, D]
+    hidden = DTensor.from_local(hidden, mesh, [Shard(2)]).redistribute(mesh, [Replicate()])
+    if labels is not None:
+        labels = DTensor.from_local(labels, mesh, [Replicate()])
+    return (hidden, labels, *rest)
+
+
+def _head_output(module: nn.Module, output, mesh: DeviceMesh):
+    if isinstance(output, TokenStats):
+        return TokenStats(*(t.to_local() for t in output))
+    return output.to_local()
+
+
+def apply_tp(model: MTPTransformer, tp_mesh: DeviceMesh) -> None:
+    """Megatron-style TP with sequence parallelism on trunk and MTP blocks."""
+    distribute_module(
+        model.tok_embeddings,
+        tp_mesh,
+        input_fn=_embedding_input,
+        output_fn=_embedding_output,
+    )
+    distribute_module(model.output, tp_mesh, input_fn=_head_input, output_fn=_head_output)
+    if model.model_args.enable_weight_tying:
+        model.output.weight = model.tok_embeddings.weight
+    parallelize_module(model, tp_mesh, {"norm": SequenceParallel(use_local_output=True)})
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, _block_tp_plan())
+    for module in model.mtp.values():
+        local_sp = SequenceParallel(use_local_output=True)
+        parallelize_module(
+            module,
+            tp_mesh,
+            {"enorm": local_sp, "hnorm": local_sp, "eh_proj": local_sp, "norm": local_sp},
+        )
+        parallelize_module(module.block, tp_mesh, _block_tp_plan())
+    logger.info("Applied tensor + sequence parallelism to the trunk and the MTP modules")
+
+
+def apply_fsdp(
+    model: MTPTransformer,
+    dp_mesh: DeviceMesh,
+    param_dtype: torch.dtype,
+    reduce_dtype: torch.dtype,
+    cpu_offload: bool = False,
+    reshard_after_forward_policy: str = "default",
+) -> None:
+    """FSDP2: one unit per trunk block, per MTP module, for the embedding and the head.
+
+    A tied embedding/output pair is one unit. Gradients are summed over ranks (no
+    division): losses are normalised by global token counts.
+    """
+    mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    config: dict = {"mesh": dp_mesh, "mp_policy": mp_policy}
+    if cpu_offload:
+        config["offload_policy"] = CPUOffloadPolicy()
+    if reshard_after_forward_policy not in ("default", "always", "never"):
+        raise ValueError(f"Invalid reshard_after_forward_policy: {reshard_after_forward_policy}")
+    reshard = reshard_after_forward_policy != "never"
+    if model.model_args.enable_weight_tying:
+        fully_shard([model.tok_embeddings, model.output], **config, reshard_after_forward=reshard)
+    else:
+        fully_shard(model.tok_embeddings, **config, reshard_after_forward=reshard)
+    for block in model.layers.values():
+        fully_shard(block, **config, reshard_after_forward=reshard)
+    for module in model.mtp.values():
+        fully_shard(module, **config, reshard_after_forward=reshard)
+    if not model.model_args.enable_weight_tying:
+        # The head runs last in forward and first in backward: keep it gathered by default.
+        fully_shard(
+            model.output,
+            **config,
+            reshard_after_forward=reshard_after_forward_policy == "always",
+        )
+    fully_shard(model, **config)
+    disable_fsdp_gradient_division(model)
+    enable_gloo_sum_reduction(model)

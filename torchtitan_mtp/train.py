@@ -1,0 +1,148 @@
+"""The training entry: ``python -m torchtitan_mtp.train --job.config_file X.toml``.
+
+The SFT/pretraining stage runs TorchTitan's Trainer (model, parallelism, optimizers, LR
+schedulers, CheckpointManager, metrics all come from the ``mtp_transformer`` TrainSpec);
+this subclass only replaces the loss step with next-token CE on the trunk plus
+``(c / K) * sum_k CE_k`` on the MTP heads, and logs per-head metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torchtitan.components.dataloader import DataloaderExhaustedError
+from torchtitan.distributed import utils as dist_utils
+from torchtitan.tools.logging import init_logger, logger
+from torchtitan.train import Trainer
+
+from .config import ConfigError, MTPJobConfig, parse_job_config
+from .models.logprobs import target_mask, token_logprobs
+
+__all__ = ["MTPTrainer", "main"]
+
+Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
+
+
+class MTPTrainer(Trainer):
+    """TorchTitan's Trainer with the MTP cross-entropy step."""
+
+    job_config: MTPJobConfig
+
+    def __init__(self, job_config: MTPJobConfig):
+        super().__init__(job_config)
+        self.num_heads = job_config.mtp.num_modules + 1
+        self.detach_mtp = job_config.mtp.regime == "detach"
+        self.last_metrics: dict[str, float] = {}
+
+    def _global_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over the data-parallel ranks (identity without DP)."""
+        if self.parallel_dims.dp_enabled:
+            dist.all_reduce(x, group=self.parallel_dims.get_mesh("batch").get_group())
+        return x
+
+    def forward_backward_step(
+        self, *, input_dict: dict[str, torch.Tensor], labels: torch.Tensor,
+        global_valid_tokens: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One micro-batch -> (loss share, per-head CE sums [H], per-head top-1 hits [H])."""
+        model = self.model_parts[0]
+        with self.train_context(), self.maybe_enable_amp:
+            hidden = model(input_dict["input"], detach_mtp_inputs=self.detach_mtp)
+            stats = token_logprobs(model, hidden, labels, detach_mtp_head=self.detach_mtp)
+            loss, ce_sums = self.loss_fn(stats, global_valid_tokens)
+        top1 = (stats.top1 & stats.mask).sum(dim=(1, 2)).float()
+        del hidden, stats
+        loss.backward()
+        return loss.detach(), ce_sums, top1
+
+    def train_step(self, data_iterator: Iterator[Batch]) -> None:
+        self.optimizers.zero_grad()
+        lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
+        microbatches = [next(data_iterator) for _ in range(self.gradient_accumulation_steps)]
+        counts = torch.zeros(self.num_heads, device=self.device)
+        for _, labels in microbatches:
+            counts += target_mask(labels, self.num_heads, None).sum(dim=(1, 2)).to(self.device)
+        counts = self._global_sum(counts)
+
+        loss = torch.zeros((), device=self.device)
+        ce_sums = torch.zeros(self.num_heads, device=self.device)
+        top1 = torch.zeros(self.num_heads, device=self.device)
+        for input_dict, labels in microbatches:
+            input_dict = {k: v.to(self.device) for k, v in input_dict.items()}
+            mb_loss, mb_ce, mb_top1 = self.forward_backward_step(
+                input_dict=input_dict, labels=labels.to(self.device), global_valid_tokens=counts
+            )
+            loss += mb_loss
+            ce_sums += mb_ce
+            top1 += mb_top1
+
+        grad_norm = dist_utils.clip_grad_norm_(
+            [p for m in self.model_parts for p in m.parameters()],
+            self.job_config.training.max_norm,
+            foreach=True,
+        )
+        self.checkpointer.maybe_wait_for_staging()
+        self.optimizers.step()
+        self.lr_schedulers.step()
+
+        totals = self._global_sum(torch.cat([loss.reshape(1), ce_sums, top1]))
+        loss, ce_sums, top1 = totals[0], totals[1 : 1 + self.num_heads], totals[1 + self.num_heads :]
+        ce = ce_sums / counts.clamp(min=1)
+        agreement = top1 / counts.clamp(min=1)
+        metrics = {"lr": lr, "ce_loss/main": ce[0].item()}
+        for k in range(1, self.num_heads):
+            metrics[f"mtp/ce_loss/head{k}"] = ce[k].item()
+            metrics[f"mtp/top1_agreement/head{k}"] = agreement[k].item()
+        self.last_metrics = {"loss": loss.item(), "grad_norm": grad_norm.item(), **metrics}
+        if self.metrics_processor.should_log(self.step):
+            self.metrics_processor.log(
+                self.step, loss.item(), loss.item(), grad_norm.item(), extra_metrics=metrics
+            )
+            heads = "  ".join(f"ce{k}: {ce[k].item():.4f}" for k in range(1, self.num_heads))
+            logger.info(f"step: {self.step:2}  main ce: {ce[0].item():.4f}  {heads}")
+
+    def train(self) -> None:
+        """TorchTitan's loop (load, step, checkpoint), without its NCCL-only PG timeouts."""
+        config = self.job_config
+        self.checkpointer.load(step=config.checkpoint.load_step)
+        logger.info(f"Training starts at step {self.step + 1}")
+        data_iterator = self.batch_generator(self.dataloader)
+        start = time.perf_counter()
+        while self.should_continue_training():
+            self.step += 1
+            self.gc_handler.run(self.step)
+            try:
+                self.train_step(data_iterator)
+            except DataloaderExhaustedError:
+                logger.warning("Ran out of data; last step was canceled.")
+                break
+            self.checkpointer.save(self.step, last_step=self.step == config.training.steps)
+        logger.info(f"Training finished in {time.perf_counter() - start:.1f}s")
+
+
+def main(argv: list[str] | None = None) -> None:
+    init_logger()
+    try:
+        config = parse_job_config(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        logger.error(str(e))
+        raise SystemExit(2) from None
+    if config.rl.steps > 0:
+        raise SystemExit("rl.steps > 0: the RL stage is not part of this release yet (SFT only)")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    trainer = MTPTrainer(config)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
