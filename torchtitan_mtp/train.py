@@ -137,7 +137,15 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     trainer = MTPTrainer(config)
     try:
-        trainer.train()
+        if config.checkpoint.create_seed_checkpoint:
+            if int(os.environ.get("WORLD_SIZE", "1")) != 1 or not config.checkpoint.enable:
+                raise SystemExit(
+                    "checkpoint.create_seed_checkpoint needs 1 process and checkpoint.enable"
+                )
+            trainer.checkpointer.save(curr_step=0, last_step=True)
+            logger.info("Created seed checkpoint")
+        else:
+            trainer.train()
     finally:
         trainer.close()
         if dist.is_initialized():

@@ -81,6 +81,7 @@ class SFTDataset(IterableDataset, Stateful):
         self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
         self.pad_id = tokenizer.tokenizer.token_to_id("<pad>") or 0
         self._index = 0  # samples this rank has produced
+        self._order: tuple[int, list[int]] = (-1, [])  # (epoch, permutation) cache
 
     def encode(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
         """-> input ids [seq_len], labels [seq_len]."""
@@ -101,9 +102,11 @@ class SFTDataset(IterableDataset, Stateful):
 
     def _problem(self, global_index: int) -> Problem:
         epoch, offset = divmod(global_index, len(self.problems))
-        order = list(range(len(self.problems)))
-        random.Random(self.seed + epoch).shuffle(order)
-        return self.problems[order[offset]]
+        if self._order[0] != epoch:
+            order = list(range(len(self.problems)))
+            random.Random(self.seed + epoch).shuffle(order)
+            self._order = (epoch, order)
+        return self.problems[self._order[1][offset]]
 
     def __iter__(self):
         while True:

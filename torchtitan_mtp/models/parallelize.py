@@ -107,18 +107,24 @@ def _block_groups(model: MTPTransformer) -> list[nn.Module]:
 
 
 def _block_tp_plan() -> dict:
-    """TorchTitan's Qwen3 per-block plan (dense FFN, no CP)."""
+    """TorchTitan's Qwen3 per-block plan (dense FFN), with plain local tensors in attention.
+
+    Unlike TorchTitan's Qwen3 plan, q/k/v leave their projections as local tensors (the
+    CPU SDPA kernel has no DTensor sharding rule) and the RoPE cache stays local; QK-norm
+    runs on the local heads with a replicated weight.
+    """
+    local_heads_norm = SequenceParallel(sequence_dim=2, use_local_output=True)
     return {
         "attention_norm": SequenceParallel(),
         "attention": PrepareModuleInput(
-            input_layouts=(Shard(1), Replicate(), None, None),
-            desired_input_layouts=(Replicate(), Replicate(), None, None),
+            input_layouts=(Shard(1), None, None, None),
+            desired_input_layouts=(Replicate(), None, None, None),
         ),
-        "attention.wq": ColwiseParallel(use_local_output=False),
-        "attention.wk": ColwiseParallel(use_local_output=False),
-        "attention.wv": ColwiseParallel(use_local_output=False),
-        "attention.q_norm": SequenceParallel(sequence_dim=2),
-        "attention.k_norm": SequenceParallel(sequence_dim=2),
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.q_norm": local_heads_norm,
+        "attention.k_norm": local_heads_norm,
         "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
         "ffn_norm": SequenceParallel(),
         "feed_forward": PrepareModuleInput(
