@@ -20,10 +20,25 @@ TAGS = ("loss_metrics/global_avg_loss", "grad_norm", "mtp/ce_loss/head1", "mtp/c
 
 def run_train(dump: Path, nproc: int, *overrides: str) -> None:
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-        "--nproc_per_node", str(nproc), "-m", "torchtitan_mtp.train",
-        "--job.config_file", str(CONFIG), "--job.dump_folder", str(dump),
-        "--metrics.log_freq", "1", "--checkpoint.interval", "1000", *overrides,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "torchtitan_mtp.train",
+        "--job.config_file",
+        str(CONFIG),
+        "--job.dump_folder",
+        str(dump),
+        "--metrics.log_freq",
+        "1",
+        "--checkpoint.interval",
+        "1000",
+        *overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -45,8 +60,14 @@ def seed_checkpoint(tmp_path_factory) -> Path:
 
 
 def test_single_process_fsdp2_and_tp2_agree_for_three_sft_steps(tmp_path, seed_checkpoint):
-    common = ("--training.steps", "3", "--checkpoint.enable", "--checkpoint.last_save_model_only",
-              "--checkpoint.initial_load_path", str(seed_checkpoint))
+    common = (
+        "--training.steps",
+        "3",
+        "--checkpoint.enable",
+        "--checkpoint.last_save_model_only",
+        "--checkpoint.initial_load_path",
+        str(seed_checkpoint),
+    )
     layouts = {
         "single": (1, "8", "1", "1"),
         "fsdp2": (2, "4", "2", "1"),
@@ -55,22 +76,39 @@ def test_single_process_fsdp2_and_tp2_agree_for_three_sft_steps(tmp_path, seed_c
     results = {}
     for name, (nproc, batch, dp, tp) in layouts.items():
         run_train(
-            tmp_path / name, nproc, *common, "--training.local_batch_size", batch,
-            "--parallelism.data_parallel_shard_degree", dp,
-            "--parallelism.tensor_parallel_degree", tp,
+            tmp_path / name,
+            nproc,
+            *common,
+            "--training.local_batch_size",
+            batch,
+            "--parallelism.data_parallel_shard_degree",
+            dp,
+            "--parallelism.tensor_parallel_degree",
+            tp,
         )
         results[name] = scalars(tmp_path / name)
     reference = results["single"]
     assert len(reference["grad_norm"]) == 3
-    assert reference["loss_metrics/global_avg_loss"][2] < reference["loss_metrics/global_avg_loss"][0]
+    assert (
+        reference["loss_metrics/global_avg_loss"][2] < reference["loss_metrics/global_avg_loss"][0]
+    )
     for name in ("fsdp2", "tp2"):
         for tag in TAGS:
             assert results[name][tag] == pytest.approx(reference[tag], rel=1e-4), (name, tag)
 
 
 def test_resume_from_checkpoint_reproduces_the_next_steps(tmp_path, seed_checkpoint):
-    args = ("--training.steps", "4", "--training.local_batch_size", "4", "--checkpoint.enable",
-            "--checkpoint.interval", "2", "--checkpoint.initial_load_path", str(seed_checkpoint))
+    args = (
+        "--training.steps",
+        "4",
+        "--training.local_batch_size",
+        "4",
+        "--checkpoint.enable",
+        "--checkpoint.interval",
+        "2",
+        "--checkpoint.initial_load_path",
+        str(seed_checkpoint),
+    )
     run_train(tmp_path / "full", 2, *args)
     (tmp_path / "resumed" / "checkpoint").mkdir(parents=True)
     shutil.copytree(

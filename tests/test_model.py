@@ -5,13 +5,12 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-
-import torchtitan_mtp  # noqa: F401  (adapts TorchTitan to CPU before it is imported)
 from torchtitan.models.llama3 import Transformer as Llama3Transformer
 from torchtitan.models.llama3 import TransformerModelArgs as Llama3Args
 from torchtitan.models.llama3.model.args import RoPEScalingArgs
 from torchtitan.models.llama3.model.state_dict_adapter import Llama3StateDictAdapter
 from torchtitan.models.qwen3 import Qwen3Model, Qwen3ModelArgs
+
 from torchtitan_mtp.losses import MTPCrossEntropy
 from torchtitan_mtp.models import MTPTransformer, mtp_flavors, token_logprobs
 from torchtitan_mtp.models.logprobs import IGNORE_INDEX, target_mask
@@ -106,8 +105,16 @@ def _copy_state(src: torch.nn.Module, dst: MTPTransformer, transform=None) -> No
 
 def test_k0_logits_equal_torchtitan_qwen3():
     qargs = Qwen3ModelArgs(
-        vocab_size=VOCAB, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-        hidden_dim=160, qk_norm=True, max_seq_len=32, rope_theta=1e6,
+        vocab_size=VOCAB,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        hidden_dim=160,
+        qk_norm=True,
+        max_seq_len=32,
+        rope_theta=1e6,
     )
     torch.manual_seed(0)
     reference = Qwen3Model(qargs)
@@ -124,8 +131,14 @@ def test_k0_logits_equal_torchtitan_qwen3():
 
 def test_k0_logits_equal_torchtitan_llama3_with_rope_scaling():
     largs = Llama3Args(
-        dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=VOCAB, multiple_of=32,
-        rope_theta=500000, max_seq_len=32,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=VOCAB,
+        multiple_of=32,
+        rope_theta=500000,
+        max_seq_len=32,
         rope_scaling_args=RoPEScalingArgs(original_max_position_embeddings=16),
     )
     torch.manual_seed(0)
@@ -135,8 +148,13 @@ def test_k0_logits_equal_torchtitan_llama3_with_rope_scaling():
     hidden_dim = reference.layers["0"].feed_forward.w1.out_features
     ours = MTPTransformer(
         tiny_args(
-            0, family="llama3", qk_norm=False, hidden_dim=hidden_dim, rope_theta=500000,
-            norm_eps=1e-5, rope_scaling=largs.rope_scaling_args,
+            0,
+            family="llama3",
+            qk_norm=False,
+            hidden_dim=hidden_dim,
+            rope_theta=500000,
+            norm_eps=1e-5,
+            rope_scaling=largs.rope_scaling_args,
         )
     )
     # TorchTitan's llama3 rotates interleaved pairs; our blocks rotate halves (HF layout).
@@ -160,7 +178,9 @@ def test_k0_logits_equal_torchtitan_llama3_with_rope_scaling():
 
 def _sft_loss(model, tokens, detach: bool) -> torch.Tensor:
     stats = token_logprobs(
-        model, model(tokens[:, :-1], detach_mtp_inputs=detach), tokens[:, 1:],
+        model,
+        model(tokens[:, :-1], detach_mtp_inputs=detach),
+        tokens[:, 1:],
         detach_mtp_head=detach,
     )
     counts = stats.mask.sum(dim=(1, 2))
@@ -201,7 +221,9 @@ def test_detach_leaves_main_loss_gradients_unchanged():
     grads = []
     for model in (without_mtp, with_mtp):
         stats = token_logprobs(
-            model, model(tokens[:, :-1], detach_mtp_inputs=True), tokens[:, 1:],
+            model,
+            model(tokens[:, :-1], detach_mtp_inputs=True),
+            tokens[:, 1:],
             detach_mtp_head=True,
         )
         (-(stats.logp * stats.mask).sum()).backward()  # main + MTP terms
@@ -213,8 +235,10 @@ def test_qkv_bias_exists_and_starts_at_zero():
     model = build(tiny_args(1, qkv_bias=True))
     for block in (model.layers["0"], model.mtp["0"].block):
         for name in ("wq", "wk", "wv"):
-            assert torch.equal(getattr(block.attention, name).bias, torch.zeros_like(
-                getattr(block.attention, name).bias))
+            assert torch.equal(
+                getattr(block.attention, name).bias,
+                torch.zeros_like(getattr(block.attention, name).bias),
+            )
         assert block.attention.wo.bias is None
 
 

@@ -46,7 +46,10 @@ class MTPTrainer(Trainer):
         return x
 
     def forward_backward_step(
-        self, *, input_dict: dict[str, torch.Tensor], labels: torch.Tensor,
+        self,
+        *,
+        input_dict: dict[str, torch.Tensor],
+        labels: torch.Tensor,
         global_valid_tokens: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One micro-batch -> (loss share, per-head CE sums [H], per-head top-1 hits [H])."""
@@ -91,7 +94,7 @@ class MTPTrainer(Trainer):
         self.lr_schedulers.step()
 
         totals = self._global_sum(torch.cat([loss.reshape(1), ce_sums, top1]))
-        loss, ce_sums, top1 = totals[0], totals[1 : 1 + self.num_heads], totals[1 + self.num_heads :]
+        loss, ce_sums, top1 = totals[0], *totals[1:].split(self.num_heads)
         ce = ce_sums / counts.clamp(min=1)
         agreement = top1 / counts.clamp(min=1)
         metrics = {"lr": lr, "ce_loss/main": ce[0].item()}

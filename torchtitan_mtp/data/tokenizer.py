@@ -45,8 +45,14 @@ def write_arithmetic_tokenizer(directory: Path = ARITHMETIC_TOKENIZER) -> None:
     """Write tokenizer.json and tokenizer_config.json (HF layout) into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     build_arithmetic_tokenizer().save(str(directory / "tokenizer.json"), pretty=True)
-    config = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
-              "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}
+    config = {
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+    }
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 

@@ -98,9 +98,7 @@ def token_logprobs(
     """
     num_heads = len(hidden)
     targets = head_targets(labels, num_heads)
-    stats: TokenStats = model.output(
-        torch.stack(hidden), targets, 1 if detach_mtp_head else None
-    )
+    stats: TokenStats = model.output(torch.stack(hidden), targets, 1 if detach_mtp_head else None)
     return AlignedTokenStats(
         logp=align_to_targets(stats.logp, 0.0),
         entropy=align_to_targets(stats.entropy, 0.0),
