@@ -272,3 +272,28 @@ def test_full_size_flavor_builds_on_meta_with_published_parameter_count(flavor):
     count = sum(p.numel() for p in model.parameters())  # tied weights counted once
     assert abs(count - PUBLISHED_PARAMS[flavor]) / PUBLISHED_PARAMS[flavor] < 0.01
     assert model.num_mtp_modules == (1 if flavor == "mimo_7b" else 0)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_wraps_trunk_and_mtp_blocks_without_changing_gradients(mode):
+    from torchtitan.distributed import ParallelDims
+
+    from torchtitan_mtp.config import MTPJobConfig
+    from torchtitan_mtp.models.parallelize import parallelize_mtp
+
+    config = MTPJobConfig()
+    config.activation_checkpoint.mode = mode
+    config.activation_checkpoint.selective_ac_option = "op"
+    config.training.seq_len = 12
+    dims = ParallelDims(dp_shard=1, dp_replicate=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1)
+    tokens = torch.randint(0, VOCAB, (2, 12))
+    plain, wrapped = build(tiny_args(2)), build(tiny_args(2))
+    parallelize_mtp(wrapped, dims, config)
+    assert "checkpoint" in type(wrapped.mtp["1"].block).__name__.lower()
+    assert "checkpoint" in type(wrapped.layers["0"]).__name__.lower()
+    for model in (plain, wrapped):
+        _sft_loss(model, tokens, detach=False)[0].backward()
+    torch.testing.assert_close(
+        wrapped.mtp["1"].eh_proj.weight.grad, plain.mtp["1"].eh_proj.weight.grad
+    )
+    torch.testing.assert_close(wrapped.output.weight.grad, plain.output.weight.grad)

@@ -89,6 +89,12 @@ class MTPTrainer(Trainer):
             self.job_config.training.max_norm,
             foreach=True,
         )
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(
+                f"step {self.step}: the gradient norm is {grad_norm.item()} (loss share "
+                f"{loss.item()}); no update was applied and the last checkpoint is intact. "
+                "Lower optimizer.lr or training.max_norm, or check the data."
+            )
         self.checkpointer.maybe_wait_for_staging()
         self.optimizers.step()
         self.lr_schedulers.step()
