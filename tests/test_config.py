@@ -98,6 +98,8 @@ def test_toml_values_land_in_every_section(tmp_path):
         steps = 11
         [training.dataloader]
         num_workers = 2
+        [checkpoint]
+        enable = true
         """,
     )
     assert config.mtp == MTP(3, "occ", 0.5, "last_block", 256)
@@ -114,7 +116,7 @@ def test_cli_override_beats_toml(tmp_path):
 
 
 def test_config_file_equals_form_is_accepted(tmp_path):
-    path = write_toml(tmp_path, "[rl]\nsteps = 4\n")
+    path = write_toml(tmp_path, "[rl]\nsteps = 4\n[checkpoint]\nenable = true\n")
     assert parse_job_config([f"--job.config_file={path}"]).rl.steps == 4
 
 
@@ -332,3 +334,8 @@ def test_repo_has_train_configs():
 def test_repo_train_config_parses_and_validates(path):
     config = parse_job_config(["--job.config_file", str(path)])
     validate_job_config(config, source=str(path))
+
+
+def test_rl_after_sft_without_checkpointing_is_an_error_saying_why(tmp_path):
+    with pytest.raises(ConfigError, match="warm-starts from the SFT stage's last checkpoint"):
+        parse_toml(tmp_path, "[rl]\nsteps = 2\n[training]\nsteps = 3\n")

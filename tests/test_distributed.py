@@ -38,6 +38,8 @@ def run_train(dump: Path, nproc: int, *overrides: str, expect_ok: bool = True) -
         "1",
         "--checkpoint.interval",
         "1000",
+        "--rl.steps",
+        "0",
         *overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -58,7 +60,7 @@ def scalars(dump: Path) -> dict[str, list[float]]:
 def seed_checkpoint(tmp_path_factory) -> Path:
     dump = tmp_path_factory.mktemp("seed")
     run_train(dump, 1, "--checkpoint.enable", "--checkpoint.create_seed_checkpoint")
-    return dump / "checkpoint" / "step-0"
+    return dump / "checkpoint" / "sft" / "step-0"
 
 
 def test_single_process_fsdp2_and_tp2_agree_for_three_sft_steps(tmp_path, seed_checkpoint):
@@ -112,13 +114,12 @@ def test_resume_from_checkpoint_reproduces_the_next_steps(tmp_path, seed_checkpo
         str(seed_checkpoint),
     )
     run_train(tmp_path / "full", 2, *args)
-    (tmp_path / "resumed" / "checkpoint").mkdir(parents=True)
-    shutil.copytree(
-        tmp_path / "full" / "checkpoint" / "step-2", tmp_path / "resumed" / "checkpoint" / "step-2"
-    )
+    sft = Path("checkpoint") / "sft"
+    (tmp_path / "resumed" / sft).mkdir(parents=True)
+    shutil.copytree(tmp_path / "full" / sft / "step-2", tmp_path / "resumed" / sft / "step-2")
     # An interrupted save (no DCP .metadata yet) must be skipped, not loaded.
-    (tmp_path / "resumed" / "checkpoint" / "step-3").mkdir()
-    (tmp_path / "resumed" / "checkpoint" / "step-3" / "__0_0.distcp").write_bytes(b"partial")
+    (tmp_path / "resumed" / sft / "step-3").mkdir()
+    (tmp_path / "resumed" / sft / "step-3" / "__0_0.distcp").write_bytes(b"partial")
     run_train(tmp_path / "resumed", 2, *args)
     full, resumed = scalars(tmp_path / "full"), scalars(tmp_path / "resumed")
     assert len(resumed["grad_norm"]) == 2  # steps 3 and 4 only

@@ -76,7 +76,64 @@ class OCC:
 @dataclass
 class RL:
     steps: int = field(default=0, metadata={"ge": 0})
-    """RL steps after the SFT stage; 0 = SFT only"""
+    """RL steps after the SFT stage (training.steps); 0 = SFT only"""
+
+    prompts_per_step: int = field(default=32, metadata={"gt": 0})
+    """Prompts per RL step over all data-parallel ranks (verl: data.train_batch_size)"""
+
+    samples_per_prompt: int = field(default=8, metadata={"gt": 0})
+    """Rollouts per prompt, the GRPO group size (verl: actor_rollout_ref.rollout.n)"""
+
+    mini_batches: int = field(default=4, metadata={"gt": 0})
+    """Optimizer updates per epoch over the step's rollouts (verl: batch / ppo_mini_batch_size)"""
+
+    ppo_epochs: int = field(default=1, metadata={"gt": 0})
+    """Passes over the step's rollouts (verl: ppo_epochs)"""
+
+    micro_batch_size: int = field(default=64, metadata={"gt": 0})
+    """Sequences per forward/backward on each rank (verl: ppo_micro_batch_size_per_gpu)"""
+
+    lr: float = field(default=1e-4, metadata={"gt": 0})
+    """Learning rate of the RL stage (the [optimizer] lr is the SFT stage's)"""
+
+    warmup_steps: int = field(default=0, metadata={"ge": 0})
+    """Linear LR warmup steps of the RL stage; constant afterwards"""
+
+    clip_ratio_low: float = field(default=0.2, metadata={"ge": 0, "lt": 1})
+    """PPO clip: ratio >= 1 - clip_ratio_low (verl: clip_ratio_low)"""
+
+    clip_ratio_high: float = field(default=0.28, metadata={"ge": 0})
+    """PPO clip: ratio <= 1 + clip_ratio_high; DAPO clip-higher (verl: clip_ratio_high)"""
+
+    dual_clip: float | None = field(default=None, metadata={"gt": 1})
+    """Dual-clip constant c for negative advantages, e.g. 10 (verl: clip_ratio_c); None = off"""
+
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    """Aggregation of per-token losses (verl: loss_agg_mode)"""
+
+    gspo: bool = False
+    """Use GSPO's sequence-level importance ratio"""
+
+    norm_adv_by_std: bool = True
+    """GRPO: divide group-centred rewards by the group std (verl: norm_adv_by_std_in_grpo)"""
+
+    kl_coef: float = field(default=0.0, metadata={"ge": 0})
+    """Weight of the k3 KL to the frozen initial policy (verl: kl_loss_coef); 0 = off"""
+
+    entropy_coef: float = field(default=0.0, metadata={"ge": 0})
+    """Weight of the entropy bonus (verl: entropy_coeff)"""
+
+    dynamic_sampling: bool = False
+    """DAPO: drop groups whose rewards are all equal from the loss"""
+
+    overlong_buffer: int = field(default=0, metadata={"ge": 0})
+    """DAPO overlong shaping: tokens before rollout.max_new_tokens where the penalty ramps"""
+
+    overlong_penalty: float = field(default=1.0, metadata={"ge": 0})
+    """DAPO overlong shaping: the penalty at rollout.max_new_tokens"""
+
+    diagnostics_every: int = field(default=0, metadata={"ge": 0})
+    """Exact-gradient diagnostics <g, g_m>, ||g_m||^2 every N steps (small models); 0 = off"""
 
 
 @dataclass
@@ -84,11 +141,26 @@ class Rollout:
     engine: Literal["native", "vllm"] = "native"
     """Rollout engine: the in-process TorchTitan model, or vLLM"""
 
+    max_new_tokens: int = field(default=16, metadata={"gt": 0})
+    """Maximum response length in tokens (verl: data.max_response_length)"""
+
+    temperature: float = field(default=1.0, metadata={"ge": 0})
+    """Sampling temperature; 0 = greedy"""
+
+    top_p: float = field(default=1.0, metadata={"gt": 0, "le": 1})
+    """Nucleus sampling threshold"""
+
+    top_k: int = field(default=0, metadata={"ge": 0})
+    """Top-k sampling; 0 = off"""
+
+    stop_strings: list[str] = field(default_factory=list)
+    """Strings that end a response (EOS always does)"""
+
 
 @dataclass
 class Reward:
     function: str = "exact_match"
-    """Name of the reward function applied to rollouts"""
+    """Reward function name: exact_match (the answer, stripped, equals the reference)"""
 
 
 @dataclass
@@ -112,7 +184,10 @@ class Data:
 @dataclass
 class Eval:
     every_steps: int = field(default=0, metadata={"ge": 0})
-    """Evaluate on the held-out set every N steps; 0 disables"""
+    """Evaluate on the held-out set every N RL steps (and before the first); 0 disables"""
+
+    greedy: bool = True
+    """Greedy decoding for evaluation (else rollout sampling settings)"""
 
 
 @dataclass
@@ -298,6 +373,22 @@ def validate_job_config(config: MTPJobConfig, source: str = "<config>") -> None:
         problems.append(
             f"training.seq_len = {training.seq_len} is not divisible by "
             f"parallelism.tensor_parallel_degree = {degree}"
+        )
+    rl = config.rl
+    if rl.steps and rl.prompts_per_step * rl.samples_per_prompt < rl.mini_batches:
+        problems.append(
+            f"rl.mini_batches = {rl.mini_batches} exceeds the rollouts per step "
+            f"({rl.prompts_per_step} prompts x {rl.samples_per_prompt} samples)"
+        )
+    if rl.steps and rl.overlong_buffer >= config.rollout.max_new_tokens:
+        problems.append(
+            f"rl.overlong_buffer = {rl.overlong_buffer} must be < rollout.max_new_tokens "
+            f"= {config.rollout.max_new_tokens}"
+        )
+    if rl.steps and training.steps and not config.checkpoint.enable:
+        problems.append(
+            "rl.steps > 0 after training.steps > 0 SFT steps needs checkpoint.enable = true: "
+            "the RL stage warm-starts from the SFT stage's last checkpoint"
         )
     if training.local_batch_size < 1:
         problems.append(f"training.local_batch_size = {training.local_batch_size} must be >= 1")

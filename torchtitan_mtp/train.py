@@ -8,6 +8,7 @@ this subclass only replaces the loss step with next-token CE on the trunk plus
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 import time
@@ -134,17 +135,14 @@ class MTPTrainer(Trainer):
         logger.info(f"Training finished in {time.perf_counter() - start:.1f}s")
 
 
-def main(argv: list[str] | None = None) -> None:
-    init_logger()
-    try:
-        config = parse_job_config(sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
-        logger.error(str(e))
-        raise SystemExit(2) from None
-    if config.rl.steps > 0:
-        raise SystemExit("rl.steps > 0: the RL stage is not part of this release yet (SFT only)")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    trainer = MTPTrainer(config)
+def _final_checkpoint(config: MTPJobConfig, folder: str, step: int) -> str | None:
+    """The stage's last checkpoint directory, if it was written completely."""
+    path = os.path.join(config.job.dump_folder, folder, f"step-{step}")
+    return path if os.path.isfile(os.path.join(path, ".metadata")) else None
+
+
+def _run(trainer_cls, config: MTPJobConfig):
+    trainer = trainer_cls(config)
     try:
         if config.checkpoint.create_seed_checkpoint:
             if int(os.environ.get("WORLD_SIZE", "1")) != 1 or not config.checkpoint.enable:
@@ -153,10 +151,43 @@ def main(argv: list[str] | None = None) -> None:
                 )
             trainer.checkpointer.save(curr_step=0, last_step=True)
             logger.info("Created seed checkpoint")
-        else:
-            trainer.train()
+            return None
+        return trainer.train()
     finally:
         trainer.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """SFT stage (``training.steps``), then RL stage (``rl.steps``) from the SFT weights.
+
+    Each stage checkpoints into its own folder (``<checkpoint.folder>/sft`` and ``/rl``);
+    a restarted job skips a finished SFT stage and resumes RL from its last checkpoint.
+    """
+    init_logger()
+    try:
+        config = parse_job_config(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        logger.error(str(e))
+        raise SystemExit(2) from None
+    os.environ.setdefault("LOCAL_RANK", "0")
+    from .rl.trainer import RLTrainer, rl_stage_config
+
+    folder = config.checkpoint.folder
+    init_path = config.checkpoint.initial_load_path
+    try:
+        if config.training.steps > 0:
+            sft = copy.deepcopy(config)
+            sft.checkpoint.folder = f"{folder}/sft"
+            done = _final_checkpoint(sft, sft.checkpoint.folder, config.training.steps)
+            if done is None or config.checkpoint.create_seed_checkpoint:
+                _run(MTPTrainer, sft)
+                done = _final_checkpoint(sft, sft.checkpoint.folder, config.training.steps)
+            else:
+                logger.info(f"SFT stage already finished: {done}")
+            init_path = done or init_path
+        if config.rl.steps > 0 and not config.checkpoint.create_seed_checkpoint:
+            _run(RLTrainer, rl_stage_config(config, init_path))
+    finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 

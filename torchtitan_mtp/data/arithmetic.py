@@ -19,7 +19,13 @@ from torchtitan.config import JobConfig
 
 from ..models.logprobs import IGNORE_INDEX
 
-__all__ = ["Problem", "SFTDataset", "arithmetic_problems", "build_sft_dataloader"]
+__all__ = [
+    "Problem",
+    "ProblemStream",
+    "SFTDataset",
+    "arithmetic_problems",
+    "build_dataloader",
+]
 
 
 @dataclass(frozen=True)
@@ -59,13 +65,48 @@ def arithmetic_problems(
     return train, list(heldout)
 
 
-class SFTDataset(IterableDataset, Stateful):
-    """Endless, rank-sharded stream of (input [S], labels [S]) SFT samples.
+class ProblemStream(IterableDataset, Stateful):
+    """Endless, rank-sharded stream of problems; each epoch in a new seeded order.
+
+    Rank r of w yields global items r, r + w, r + 2w, ..., so the ranks together see the
+    single-process stream. The position is checkpointed (``state_dict``).
+    """
+
+    def __init__(
+        self, problems: list[Problem], seed: int, dp_rank: int = 0, dp_world_size: int = 1
+    ):
+        self.problems, self.seed = problems, seed
+        self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
+        self._index = 0  # items this rank has produced
+        self._order: tuple[int, list[int]] = (-1, [])  # (epoch, permutation) cache
+
+    def _problem(self, global_index: int) -> Problem:
+        epoch, offset = divmod(global_index, len(self.problems))
+        if self._order[0] != epoch:
+            order = list(range(len(self.problems)))
+            random.Random(self.seed + epoch).shuffle(order)
+            self._order = (epoch, order)
+        return self.problems[self._order[1][offset]]
+
+    def __iter__(self):
+        while True:
+            global_index = self._index * self.dp_world_size + self.dp_rank
+            self._index += 1
+            yield self._problem(global_index)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"index": self._index}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._index = state_dict["index"]
+
+
+class SFTDataset(ProblemStream):
+    """The problem stream as (input [S], labels [S]) SFT samples.
 
     A sample is ``<bos> prompt answer <eos>``, right-padded to ``seq_len + 1`` tokens;
     labels are the next tokens, with the prompt and the padding set to ``IGNORE_INDEX``
-    (the loss covers the answer and <eos>). Each epoch visits the problems in a new
-    seeded order; the position in the stream is checkpointed.
+    (the loss covers the answer and <eos>).
     """
 
     def __init__(
@@ -77,11 +118,9 @@ class SFTDataset(IterableDataset, Stateful):
         dp_rank: int = 0,
         dp_world_size: int = 1,
     ):
-        self.problems, self.tokenizer, self.seq_len, self.seed = problems, tokenizer, seq_len, seed
-        self.dp_rank, self.dp_world_size = dp_rank, dp_world_size
+        super().__init__(problems, seed, dp_rank, dp_world_size)
+        self.tokenizer, self.seq_len = tokenizer, seq_len
         self.pad_id = tokenizer.tokenizer.token_to_id("<pad>") or 0
-        self._index = 0  # samples this rank has produced
-        self._order: tuple[int, list[int]] = (-1, [])  # (epoch, permutation) cache
 
     def encode(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
         """-> input ids [seq_len], labels [seq_len]."""
@@ -100,25 +139,9 @@ class SFTDataset(IterableDataset, Stateful):
         labels[len(ids) - 1 :] = IGNORE_INDEX
         return tokens[:-1], labels
 
-    def _problem(self, global_index: int) -> Problem:
-        epoch, offset = divmod(global_index, len(self.problems))
-        if self._order[0] != epoch:
-            order = list(range(len(self.problems)))
-            random.Random(self.seed + epoch).shuffle(order)
-            self._order = (epoch, order)
-        return self.problems[self._order[1][offset]]
-
     def __iter__(self):
-        while True:
-            global_index = self._index * self.dp_world_size + self.dp_rank
-            self._index += 1
-            yield self.encode(self._problem(global_index))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"index": self._index}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._index = state_dict["index"]
+        for problem in super().__iter__():
+            yield self.encode(problem)
 
 
 def _collate(samples: list[tuple[torch.Tensor, torch.Tensor]]):
@@ -126,19 +149,32 @@ def _collate(samples: list[tuple[torch.Tensor, torch.Tensor]]):
     return {"input": torch.stack(inputs)}, torch.stack(labels)
 
 
-def build_sft_dataloader(
+def build_dataloader(
     dp_world_size: int, dp_rank: int, tokenizer: BaseTokenizer, job_config: JobConfig, **kwargs
 ) -> ParallelAwareDataloader:
-    """The TrainSpec dataloader builder: the SFT split of ``[data]``."""
-    data = job_config.data
+    """The TrainSpec dataloader builder; ``[training] dataset`` selects what it yields.
+
+    - ``"arithmetic"``: SFT samples ({"input": [B, S]}, labels [B, S]) of the train split;
+    - ``"arithmetic_prompts"``: RL prompt batches, lists of ``Problem`` of the train split.
+
+    ``training.local_batch_size`` is the batch per data-parallel rank.
+    """
+    data, training = job_config.data, job_config.training
     train, _ = arithmetic_problems(data.seed, data.max_digits, data.num_train, data.num_heldout)
-    dataset = SFTDataset(
-        train, tokenizer, job_config.training.seq_len, data.seed, dp_rank, dp_world_size
-    )
+    if training.dataset == "arithmetic":
+        dataset = SFTDataset(train, tokenizer, training.seq_len, data.seed, dp_rank, dp_world_size)
+        collate = _collate
+    elif training.dataset == "arithmetic_prompts":
+        dataset, collate = ProblemStream(train, data.seed, dp_rank, dp_world_size), list
+    else:
+        raise ValueError(
+            f"training.dataset = {training.dataset!r} is unknown; "
+            "available: 'arithmetic' (SFT samples), 'arithmetic_prompts' (RL prompts)"
+        )
     return ParallelAwareDataloader(
         dataset,
         dp_rank=dp_rank,
         dp_world_size=dp_world_size,
-        batch_size=job_config.training.local_batch_size,
-        collate_fn=_collate,
+        batch_size=training.local_batch_size,
+        collate_fn=collate,
     )

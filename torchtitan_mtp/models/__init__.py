@@ -140,7 +140,7 @@ mtp_flavors: dict[str, MTPModelArgs] = {
 
 def register_train_specs() -> None:
     """Register ``[model] name = "mtp_transformer"`` with TorchTitan's registry."""
-    from ..data.arithmetic import build_sft_dataloader
+    from ..data.arithmetic import build_dataloader
     from ..data.tokenizer import build_tokenizer
     from ..losses import build_mtp_sft_loss
 
@@ -153,7 +153,7 @@ def register_train_specs() -> None:
             pipelining_fn=None,
             build_optimizers_fn=build_optimizers,
             build_lr_schedulers_fn=build_lr_schedulers,
-            build_dataloader_fn=build_sft_dataloader,
+            build_dataloader_fn=build_dataloader,
             build_tokenizer_fn=build_tokenizer,
             build_loss_fn=build_mtp_sft_loss,
         ),

@@ -1,0 +1,545 @@
+"""The RL stage: GRPO/DAPO with jointly trained MTP heads under one of four regimes.
+
+One step (OCC_SPEC §4) reads top to bottom in ``train_step``:
+
+    prompts -> rollout -> reward -> GRPO advantages -> old log-probs (recomputed here)
+            -> ppo_epochs x mini_batches optimizer updates (micro-batch accumulation)
+            -> metrics -> periodic held-out eval -> checkpoint
+
+The MTP term of the loss depends on ``[mtp] regime`` (OCC_SPEC §2): ``detach`` and ``ce``
+add ``(c/K) sum_k CE_k`` (with detached inputs for ``detach``), ``policy`` adds
+``(c/K) sum_k L_PG(l^k, l_old, A)``, ``occ`` replaces ``c/K`` by the calibrated lambda_k.
+
+TorchTitan's Trainer builds everything (model, parallelism, optimizers, LR schedulers,
+CheckpointManager, metrics) from the ``mtp_transformer`` TrainSpec; its dataloader here
+yields prompt batches (``training.dataset = "arithmetic_prompts"``).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+from torchtitan.distributed import utils as dist_utils
+from torchtitan.tools.logging import logger
+from torchtitan.train import Trainer
+
+from ..config import MTPJobConfig
+from ..data.arithmetic import Problem, arithmetic_problems
+from ..models.logprobs import IGNORE_INDEX, AlignedTokenStats, target_mask, token_logprobs
+from ..rewards import get_reward_function
+from ..rollout.base import Completion, SamplingParams
+from ..rollout.native import NativeRolloutEngine
+from .losses import (
+    aggregate,
+    dynamic_sampling_keep,
+    grpo_advantages,
+    kl_k3,
+    overlong_reward_penalty,
+    policy_loss,
+)
+from .occ import OCCCalibrator
+
+__all__ = ["RLTrainer", "rl_stage_config"]
+
+
+def rl_stage_config(config: MTPJobConfig, init_load_path: str | None) -> MTPJobConfig:
+    """The job config TorchTitan's Trainer sees in the RL stage.
+
+    Steps, LR, warmup and batch come from ``[rl]``; checkpoints go to ``<folder>/rl`` and
+    the first run starts from ``init_load_path`` (the SFT stage's last checkpoint).
+    """
+    rl = copy.deepcopy(config)
+    p = config.parallelism
+    dp = p.data_parallel_shard_degree
+    if dp == -1:
+        others = p.tensor_parallel_degree * p.data_parallel_replicate_degree
+        dp = int(os.environ.get("WORLD_SIZE", "1")) // others
+    dp *= p.data_parallel_replicate_degree
+    if config.rl.prompts_per_step % dp:
+        raise ValueError(
+            f"rl.prompts_per_step = {config.rl.prompts_per_step} must be divisible by the "
+            f"data-parallel degree {dp}"
+        )
+    rl.training.steps = config.rl.steps
+    rl.training.dataset = "arithmetic_prompts"
+    rl.training.local_batch_size = config.rl.prompts_per_step // dp  # prompts per rank
+    rl.training.global_batch_size = -1
+    rl.optimizer.lr = config.rl.lr
+    rl.lr_scheduler.warmup_steps = config.rl.warmup_steps
+    rl.lr_scheduler.decay_ratio = 0.0  # constant after warmup
+    rl.checkpoint.folder = f"{config.checkpoint.folder}/rl"
+    if init_load_path is not None:
+        rl.checkpoint.initial_load_path = init_load_path
+        rl.checkpoint.initial_load_model_only = True
+    return rl
+
+
+@dataclass
+class RolloutBatch:
+    """This rank's rollouts as right-padded training tensors ([N, T], T >= longest - 1)."""
+
+    inputs: torch.Tensor  # [N, T] prompt + response tokens (all but the last)
+    labels: torch.Tensor  # [N, T] next tokens; IGNORE_INDEX outside the response
+    advantages: torch.Tensor  # [N, T] float32, the sequence advantage on every token
+    rollout_logp: torch.Tensor  # [N, T] float32, the engine's sampling log-probs
+    old_logp: torch.Tensor | None = None  # [N, T] recomputed by the trainer
+    ref_logp: torch.Tensor | None = None  # [N, T] frozen initial policy (KL)
+
+    def select(self, rows: slice) -> RolloutBatch:
+        return RolloutBatch(**{k: None if v is None else v[rows] for k, v in vars(self).items()})
+
+    def to(self, device: torch.device) -> RolloutBatch:
+        return RolloutBatch(
+            **{k: None if v is None else v.to(device) for k, v in vars(self).items()}
+        )
+
+
+class RLTrainer(Trainer):
+    """TorchTitan's Trainer running the RL step of OCC_SPEC §4."""
+
+    job_config: MTPJobConfig
+
+    def __init__(self, job_config: MTPJobConfig):
+        rl = job_config.rl
+        self.ref_model = None  # set below; Stateful methods may run before
+        super().__init__(job_config)
+        self.dp_degree, self.dp_rank = self._dp()
+        self.model = self.model_parts[0]
+        self.num_mtp = job_config.mtp.num_modules
+        self.regime = job_config.mtp.regime
+        self.base = job_config.mtp.coefficient / max(self.num_mtp, 1)
+        self.dp_group = (
+            self.parallel_dims.get_mesh("batch").get_group()
+            if self.parallel_dims.dp_enabled
+            else None
+        )
+        tp_group = (
+            self.parallel_dims.get_mesh("tp").get_group() if self.parallel_dims.tp_enabled else None
+        )
+        self.engine = NativeRolloutEngine(self.model, tokenizer=self.tokenizer, tp_group=tp_group)
+        self.reward_fn = get_reward_function(job_config.reward.function)
+        occ = job_config.occ
+        self.calibrator = OCCCalibrator(
+            base=self.base,
+            estimator=occ.estimator,
+            eps=occ.eps,
+            clamp_min=occ.clamp_min,
+            clamp_max=occ.clamp_max,
+            apply_to=occ.apply_to,
+            group=self.dp_group,
+        )
+        data = job_config.data
+        _, self.heldout = arithmetic_problems(
+            data.seed, data.max_digits, data.num_train, data.num_heldout
+        )
+        self.pad_id = self.tokenizer.tokenizer.token_to_id("<pad>") or 0
+        self.ref_model = self._build_reference_model() if rl.kl_coef > 0 else None
+        self.last_metrics: dict[str, float] = {}
+
+    # ---------------------------------------------------------------- setup helpers
+
+    def _dp(self) -> tuple[int, int]:
+        if not self.parallel_dims.dp_enabled:
+            return 1, 0
+        mesh = self.parallel_dims.get_mesh("batch")
+        return mesh.size(), mesh.get_local_rank()
+
+    def _build_reference_model(self) -> torch.nn.Module:
+        """A frozen copy of the initial policy, parallelised like the policy."""
+        with torch.device("meta"):
+            ref = self.train_spec.model_cls(self.model_args)
+        ref = self.train_spec.parallelize_fn(ref, self.parallel_dims, self.job_config)
+        ref.to_empty(device=self.device)
+        with torch.no_grad():
+            ref.init_weights()
+        ref.requires_grad_(False)
+        ref.eval()
+        return ref
+
+    def _sync_reference_model(self) -> None:
+        """Copy the policy's current (= initial, at RL start) weights into the reference."""
+        with torch.no_grad():
+            for p_ref, p in zip(self.ref_model.parameters(), self.model.parameters(), strict=True):
+                p_ref.copy_(p)
+
+    def _global_sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dp_group is not None:
+            dist.all_reduce(x, group=self.dp_group)
+        return x
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.ref_model is not None:
+            state["reference_model"] = get_model_state_dict(self.ref_model)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if self.ref_model is not None:
+            set_model_state_dict(self.ref_model, state_dict["reference_model"])
+
+    # ---------------------------------------------------------------- rollout
+
+    def _step_seed(self, step: int, salt: int = 0) -> int:
+        """Sampling seed: same on TP ranks, different per DP rank, step and purpose."""
+        return (
+            (self.job_config.debug.seed or 0) * 1_000_003 + step * 7919 + self.dp_rank * 31 + salt
+        )
+
+    def _sampling_params(self, seed: int, greedy: bool = False) -> SamplingParams:
+        r = self.job_config.rollout
+        return SamplingParams(
+            max_new_tokens=r.max_new_tokens,
+            temperature=0.0 if greedy else r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            stop_token_ids=(self.tokenizer.eos_id,),
+            stop_strings=tuple(r.stop_strings),
+            seed=seed,
+        )
+
+    def _prompt_ids(self, problems: list[Problem]) -> list[list[int]]:
+        return [self.tokenizer.encode(p.prompt, add_bos=True, add_eos=False) for p in problems]
+
+    def _response_text(self, completion: Completion) -> str:
+        ids = [t for t in completion.token_ids if t != self.tokenizer.eos_id]
+        return self.tokenizer.decode(ids)
+
+    def _to_batch(self, completions: list[Completion], advantages: torch.Tensor) -> RolloutBatch:
+        """Right-pad prompt + response; labels and advantages cover response tokens only."""
+        tp = self.parallel_dims.tp
+        longest = max(len(c.prompt_ids) + len(c.token_ids) for c in completions) - 1
+        width = -(-longest // tp) * tp
+        n = len(completions)
+        inputs = torch.full((n, width + 1), self.pad_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+        rollout_logp = torch.zeros(n, width)
+        for i, c in enumerate(completions):
+            seq = c.prompt_ids + c.token_ids
+            inputs[i, : len(seq)] = torch.tensor(seq)
+            start = len(c.prompt_ids) - 1  # label position of the first response token
+            labels[i, start : start + len(c.token_ids)] = torch.tensor(c.token_ids)
+            rollout_logp[i, start : start + len(c.token_ids)] = torch.tensor(c.logprobs)
+        adv = advantages[:, None].expand(n, width) * (labels != IGNORE_INDEX)
+        return RolloutBatch(inputs[:, :-1], labels, adv.float(), rollout_logp)
+
+    @torch.no_grad()
+    def _recompute_logp(self, model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
+        """Main-head log-probs [N, T] of the batch's labels under ``model``, micro-batched."""
+        out = []
+        mb = self.job_config.rl.micro_batch_size
+        for start in range(0, batch.inputs.shape[0], mb):
+            inputs = batch.inputs[start : start + mb].to(self.device)
+            labels = batch.labels[start : start + mb].to(self.device)
+            hidden = model(inputs)[:1]  # main head only
+            out.append(token_logprobs(model, hidden, labels).logp[0].cpu())
+        return torch.cat(out)
+
+    # ---------------------------------------------------------------- the loss
+
+    def _mtp_terms(
+        self,
+        stats: AlignedTokenStats,
+        batch: RolloutBatch,
+        counts: dict[str, torch.Tensor],
+        log: dict[str, float],
+    ) -> torch.Tensor:
+        """The regime's MTP loss term; records per-head metrics into ``log``."""
+        rl = self.job_config.rl
+        old_logp, adv = batch.old_logp, batch.advantages
+        heads = range(1, self.num_mtp + 1)
+        occ = self.calibrator.calibrate(stats.logp[0], old_logp, stats.logp[1:], stats.mask[1:])
+        total = torch.zeros((), device=stats.logp.device)
+        for k in heads:
+            mask = stats.mask[k]
+            norm = {"global_tokens": counts["tokens"][k], "global_seqs": counts["seqs"][k]}
+            ce = aggregate(-stats.logp[k], mask, "token-mean", **norm)
+            pg_kwargs = dict(
+                logp=stats.logp[k],
+                old_logp=old_logp,
+                advantages=adv,
+                mask=mask,
+                clip_low=rl.clip_ratio_low,
+                clip_high=rl.clip_ratio_high,
+                dual_clip=rl.dual_clip,
+                agg=rl.loss_agg_mode,
+                gspo=rl.gspo,
+                **norm,
+            )
+            pg = policy_loss(**pg_kwargs)[0]
+            if self.regime in ("detach", "ce"):
+                coefficient = self.base
+                total = total + self.base * ce
+            elif self.regime == "policy":
+                coefficient = self.base
+                total = total + self.base * pg
+            else:
+                coefficient = occ.coefficient[k - 1].item()
+                total = total + self.calibrator.head_loss(occ.coefficient[k - 1], **pg_kwargs)[0]
+            log[f"mtp/pg_loss/head{k}"] += pg.detach().item()
+            log[f"mtp/ce_loss/head{k}"] += ce.detach().item()
+            log[f"_top1/head{k}"] += (stats.top1[k] & mask).sum().item()
+            log[f"_tokens/head{k}"] += mask.sum().item()
+            log[f"occ/correlation_proxy/head{k}"] += occ.correlation[k - 1].item()
+            log[f"occ/penalty_proxy/head{k}"] += occ.penalty[k - 1].item()
+            log[f"occ/gain_proxy/head{k}"] += occ.gain[k - 1].item()
+            log[f"occ/coefficient/head{k}"] += float(coefficient)
+        return total
+
+    def _micro_batch_loss(
+        self, batch: RolloutBatch, counts: dict[str, torch.Tensor], log: dict[str, float]
+    ) -> torch.Tensor:
+        rl = self.job_config.rl
+        detach = self.regime == "detach"
+        batch = batch.to(self.device)
+        hidden = self.model(batch.inputs, detach_mtp_inputs=detach)
+        stats = token_logprobs(self.model, hidden, batch.labels, detach_mtp_head=detach)
+        mask = stats.mask[0]
+        norm = {"global_tokens": counts["tokens"][0], "global_seqs": counts["seqs"][0]}
+        loss, pg_stats = policy_loss(
+            stats.logp[0],
+            batch.old_logp,
+            batch.advantages,
+            mask,
+            clip_low=rl.clip_ratio_low,
+            clip_high=rl.clip_ratio_high,
+            dual_clip=rl.dual_clip,
+            agg=rl.loss_agg_mode,
+            gspo=rl.gspo,
+            **norm,
+        )
+        log["_clipped"] += float(pg_stats.clipped_tokens)
+        entropy = aggregate(stats.entropy[0], mask, "token-mean", **norm)
+        log["rl/entropy"] += entropy.detach().item()
+        if rl.entropy_coef:
+            loss = loss - rl.entropy_coef * aggregate(
+                stats.entropy[0], mask, rl.loss_agg_mode, **norm
+            )
+        if batch.ref_logp is not None:
+            kl = kl_k3(stats.logp[0], batch.ref_logp)
+            loss = loss + rl.kl_coef * aggregate(kl, mask, rl.loss_agg_mode, **norm)
+            log["rl/kl"] += aggregate(kl, mask, "token-mean", **norm).detach().item()
+        if self.num_mtp:
+            loss = loss + self._mtp_terms(stats, batch, counts, log)
+        return loss
+
+    def _counts(self, micro_batches: list[RolloutBatch]) -> dict[str, torch.Tensor]:
+        """Global valid tokens and sequences per head [H] over one mini-batch."""
+        heads = self.num_mtp + 1
+        tokens, seqs = torch.zeros(heads), torch.zeros(heads)
+        for mb in micro_batches:
+            mask = target_mask(mb.labels, heads, None)  # [H, B, T]
+            tokens += mask.sum(dim=(1, 2))
+            seqs += mask.any(dim=2).sum(dim=1)
+        both = self._global_sum(torch.cat([tokens, seqs]).to(self.device))
+        return {"tokens": both[:heads], "seqs": both[heads:]}
+
+    # ---------------------------------------------------------------- the step
+
+    def train_step(self, data_iterator) -> None:  # noqa: C901 (the step reads top to bottom)
+        rl, step = self.job_config.rl, self.step
+        n = rl.samples_per_prompt
+        t0 = time.perf_counter()
+
+        # 1. Rollout: n samples of each of this rank's prompts from the current policy.
+        problems: list[Problem] = next(data_iterator)
+        prompts = [ids for ids in self._prompt_ids(problems) for _ in range(n)]
+        completions = self.engine.generate(prompts, self._sampling_params(self._step_seed(step)))
+        t_rollout = time.perf_counter() - t0
+
+        # 2. Reward, 3. GRPO advantages (groups of n consecutive samples).
+        answers = [p.answer for p in problems for _ in range(n)]
+        correct = torch.tensor(
+            [
+                self.reward_fn(self._response_text(c), a)
+                for c, a in zip(completions, answers, strict=True)
+            ]
+        )
+        rewards = correct.clone()
+        lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
+        if rl.overlong_buffer:
+            rewards += overlong_reward_penalty(
+                lengths,
+                self.job_config.rollout.max_new_tokens,
+                rl.overlong_buffer,
+                rl.overlong_penalty,
+            )
+        advantages = grpo_advantages(rewards, n, norm_by_std=rl.norm_adv_by_std)
+        batch = self._to_batch(completions, advantages)
+        if rl.dynamic_sampling:  # DAPO: groups with equal rewards leave the loss
+            keep = dynamic_sampling_keep(rewards, n).repeat_interleave(n)
+            batch.labels[~keep] = IGNORE_INDEX
+
+        # 4. Old log-probs recomputed by the trainer (and the frozen reference's).
+        batch.old_logp = self._recompute_logp(self.model, batch)
+        if self.ref_model is not None:
+            batch.ref_logp = self._recompute_logp(self.ref_model, batch)
+
+        # 5. ppo_epochs x mini_batches optimizer updates, micro-batch accumulation.
+        t1 = time.perf_counter()
+        log: dict[str, float] = defaultdict(float)
+        num_rows, grad_norms, updates = batch.inputs.shape[0], [], 0
+        bounds = torch.linspace(0, num_rows, rl.mini_batches + 1).round().long().tolist()
+        for _ in range(rl.ppo_epochs):
+            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+                micro = [
+                    batch.select(slice(s, min(s + rl.micro_batch_size, hi)))
+                    for s in range(lo, hi, rl.micro_batch_size)
+                ]
+                counts = self._counts(micro)
+                self.optimizers.zero_grad()
+                for mb in micro:
+                    self._micro_batch_loss(mb, counts, log).backward()
+                    updates += 1
+                grad_norm = dist_utils.clip_grad_norm_(
+                    list(self.model.parameters()), self.job_config.training.max_norm, foreach=True
+                )
+                if not torch.isfinite(grad_norm):
+                    raise FloatingPointError(
+                        f"RL step {step}: the gradient norm is {grad_norm.item()}; no update "
+                        "was applied and the last checkpoint is intact. Lower rl.lr."
+                    )
+                grad_norms.append(grad_norm.item())
+                self.optimizers.step()
+        self.lr_schedulers.step()
+        t_update = time.perf_counter() - t1
+
+        # 6. Metrics (global over data-parallel ranks).
+        self._log_step(
+            log,
+            updates,
+            grad_norms,
+            correct,
+            rewards,
+            lengths,
+            batch,
+            t_rollout,
+            t_update,
+            time.perf_counter() - t0,
+        )
+
+    def _log_step(
+        self,
+        log,
+        updates,
+        grad_norms,
+        correct,
+        rewards,
+        lengths,
+        batch,
+        t_rollout,
+        t_update,
+        t_step,
+    ) -> None:
+        mask = batch.labels != IGNORE_INDEX
+        mismatch = (batch.rollout_logp - batch.old_logp).abs()[mask]
+        sums = torch.tensor(
+            [
+                correct.sum(),
+                rewards.sum(),
+                lengths.sum(),
+                float(len(correct)),
+                mismatch.sum(),
+                float(mismatch.numel()),
+                log.pop("_clipped", 0.0),
+                float(mask.sum()) * self.job_config.rl.ppo_epochs,
+                float((batch.inputs != self.pad_id).sum()),
+            ]
+        )
+        keys = sorted(log)
+        values = torch.tensor([log[k] for k in keys], dtype=torch.float32)
+        totals = self._global_sum(torch.cat([sums, values]).to(self.device)).cpu()
+        (acc, reward, length, count, mism, mism_n, clipped, tokens, seq_tokens) = totals[
+            :9
+        ].tolist()
+        reduced = dict(zip(keys, totals[9:].tolist(), strict=True))
+        metrics: dict[str, float] = {
+            "rl/accuracy": acc / count,
+            "rl/reward_mean": reward / count,
+            "rl/response_length": length / count,
+            "rl/clip_fraction": clipped / max(tokens, 1),
+            "rl/grad_norm": sum(grad_norms) / len(grad_norms),
+            "rl/lr": self.lr_schedulers.schedulers[0].get_last_lr()[0],
+            "rl/kl": 0.0,
+            "rollout/logprob_mismatch": mism / max(mism_n, 1),
+            "perf/rollout_seconds": t_rollout,
+            "perf/update_seconds": t_update,
+            "perf/tokens_per_second": (seq_tokens + length) / t_step,
+        }
+        # Sums of per-micro-batch shares of global means -> per-update means.
+        num_updates = len(grad_norms)
+        for key, value in reduced.items():
+            if key.startswith("_tokens/"):
+                continue
+            if key.startswith("_top1/"):
+                head = key.split("/")[1]
+                metrics[f"mtp/top1_agreement/{head}"] = value / max(reduced[f"_tokens/{head}"], 1)
+            elif key.startswith("occ/"):
+                metrics[key] = value / (updates * self.dp_degree)  # same on every rank
+            else:
+                metrics[key] = value / num_updates
+        self.last_metrics = metrics
+        self.metrics_processor.logger.log(metrics, self.step)
+        lambdas = " ".join(
+            f"{metrics[f'occ/coefficient/head{k}']:+.3f}" for k in range(1, self.num_mtp + 1)
+        )
+        logger.info(
+            f"rl step {self.step:3d} | reward {metrics['rl/reward_mean']:.3f} "
+            f"acc {metrics['rl/accuracy']:.3f} | lambda [{lambdas}] | "
+            f"clip {metrics['rl/clip_fraction']:.3f} | "
+            f"{metrics['perf/tokens_per_second']:.0f} tok/s"
+            f" | rollout {t_rollout:.1f}s update {t_update:.1f}s"
+        )
+
+    # ---------------------------------------------------------------- eval and loop
+
+    def evaluate(self) -> float:
+        """Held-out accuracy, greedy (or sampled) decoding, split over data-parallel ranks."""
+        problems = self.heldout[self.dp_rank :: self.dp_degree]
+        params = self._sampling_params(
+            self._step_seed(self.step, salt=1), greedy=self.job_config.eval.greedy
+        )
+        completions = self.engine.generate(self._prompt_ids(problems), params)
+        correct = sum(
+            self.reward_fn(self._response_text(c), p.answer)
+            for c, p in zip(completions, problems, strict=True)
+        )
+        totals = self._global_sum(
+            torch.tensor([correct, len(problems)], dtype=torch.float64, device=self.device)
+        )
+        accuracy = (totals[0] / totals[1]).item()
+        self.metrics_processor.logger.log({"eval/accuracy": accuracy}, self.step)
+        logger.info(
+            f"rl step {self.step:3d} | held-out accuracy {accuracy:.3f} "
+            f"({int(totals[0])}/{int(totals[1])})"
+        )
+        return accuracy
+
+    def train(self) -> dict[str, Any]:
+        """Load (resume or warm start), evaluate, run the steps; returns eval accuracies."""
+        config = self.job_config
+        self.checkpointer.load(step=config.checkpoint.load_step)
+        if self.ref_model is not None and self.step == 0:
+            self._sync_reference_model()  # the warm-start policy; a resume restores its own
+        logger.info(f"RL training starts at step {self.step + 1}")
+        every = config.eval.every_steps
+        accuracies = {}
+        if every:
+            accuracies[self.step] = self.evaluate()
+        data_iterator = iter(self.dataloader)
+        while self.should_continue_training():
+            self.step += 1
+            self.gc_handler.run(self.step)
+            self.train_step(data_iterator)
+            if every and (self.step % every == 0 or self.step == config.training.steps):
+                accuracies[self.step] = self.evaluate()
+            self.checkpointer.save(self.step, last_step=self.step == config.training.steps)
+        return accuracies
