@@ -180,6 +180,10 @@ class Data:
     seed: int = 1234
     """Seed of the data generator"""
 
+    sft_carry_error_rate: float = field(default=0.0, metadata={"ge": 0, "le": 1})
+    """Fraction of SFT answers from an imperfect teacher that drops carries (a+b digit-wise
+    mod 10). SFT imitates the mistakes; RL with the exact-answer reward can undo them."""
+
 
 @dataclass
 class Eval:

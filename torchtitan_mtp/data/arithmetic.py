@@ -43,6 +43,20 @@ def _draw(rng: random.Random, max_digits: int) -> Problem:
     return Problem(prompt=f"{a}+{b}=", answer=str(a + b))
 
 
+def without_carries(problem: Problem) -> Problem:
+    """The answer of a teacher that forgets carries: digit-wise (a_i + b_i) mod 10."""
+    a, b = problem.prompt.rstrip("=").split("+")
+    width = max(len(a), len(b))
+    digits = [(int(x) + int(y)) % 10 for x, y in zip(a.zfill(width), b.zfill(width), strict=True)]
+    return Problem(problem.prompt, str(int("".join(map(str, digits)))))
+
+
+def noisy_teacher(problems: list[Problem], error_rate: float, seed: int) -> list[Problem]:
+    """SFT targets where a seeded ``error_rate`` fraction of answers drops carries."""
+    rng = random.Random(seed + 1)
+    return [without_carries(p) if rng.random() < error_rate else p for p in problems]
+
+
 def arithmetic_problems(
     seed: int, max_digits: int, num_train: int, num_heldout: int
 ) -> tuple[list[Problem], list[Problem]]:
@@ -162,7 +176,10 @@ def build_dataloader(
     data, training = job_config.data, job_config.training
     train, _ = arithmetic_problems(data.seed, data.max_digits, data.num_train, data.num_heldout)
     if training.dataset == "arithmetic":
-        dataset = SFTDataset(train, tokenizer, training.seq_len, data.seed, dp_rank, dp_world_size)
+        targets = noisy_teacher(train, data.sft_carry_error_rate, data.seed)
+        dataset = SFTDataset(
+            targets, tokenizer, training.seq_len, data.seed, dp_rank, dp_world_size
+        )
         collate = _collate
     elif training.dataset == "arithmetic_prompts":
         dataset, collate = ProblemStream(train, data.seed, dp_rank, dp_world_size), list

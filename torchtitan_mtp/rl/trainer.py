@@ -21,7 +21,6 @@ import copy
 import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,18 +32,16 @@ from torchtitan.train import Trainer
 
 from ..config import MTPJobConfig
 from ..data.arithmetic import Problem, arithmetic_problems
-from ..models.logprobs import IGNORE_INDEX, AlignedTokenStats, target_mask, token_logprobs
+from ..models.logprobs import IGNORE_INDEX, target_mask, token_logprobs
 from ..rewards import get_reward_function
 from ..rollout.base import Completion, SamplingParams
 from ..rollout.native import NativeRolloutEngine
 from .losses import (
-    aggregate,
     dynamic_sampling_keep,
     grpo_advantages,
-    kl_k3,
     overlong_reward_penalty,
-    policy_loss,
 )
+from .objective import RLObjective, RolloutBatch
 from .occ import OCCCalibrator
 
 __all__ = ["RLTrainer", "rl_stage_config"]
@@ -82,26 +79,6 @@ def rl_stage_config(config: MTPJobConfig, init_load_path: str | None) -> MTPJobC
     return rl
 
 
-@dataclass
-class RolloutBatch:
-    """This rank's rollouts as right-padded training tensors ([N, T], T >= longest - 1)."""
-
-    inputs: torch.Tensor  # [N, T] prompt + response tokens (all but the last)
-    labels: torch.Tensor  # [N, T] next tokens; IGNORE_INDEX outside the response
-    advantages: torch.Tensor  # [N, T] float32, the sequence advantage on every token
-    rollout_logp: torch.Tensor  # [N, T] float32, the engine's sampling log-probs
-    old_logp: torch.Tensor | None = None  # [N, T] recomputed by the trainer
-    ref_logp: torch.Tensor | None = None  # [N, T] frozen initial policy (KL)
-
-    def select(self, rows: slice) -> RolloutBatch:
-        return RolloutBatch(**{k: None if v is None else v[rows] for k, v in vars(self).items()})
-
-    def to(self, device: torch.device) -> RolloutBatch:
-        return RolloutBatch(
-            **{k: None if v is None else v.to(device) for k, v in vars(self).items()}
-        )
-
-
 class RLTrainer(Trainer):
     """TorchTitan's Trainer running the RL step of OCC_SPEC §4."""
 
@@ -127,7 +104,7 @@ class RLTrainer(Trainer):
         self.engine = NativeRolloutEngine(self.model, tokenizer=self.tokenizer, tp_group=tp_group)
         self.reward_fn = get_reward_function(job_config.reward.function)
         occ = job_config.occ
-        self.calibrator = OCCCalibrator(
+        calibrator = OCCCalibrator(
             base=self.base,
             estimator=occ.estimator,
             eps=occ.eps,
@@ -136,6 +113,7 @@ class RLTrainer(Trainer):
             apply_to=occ.apply_to,
             group=self.dp_group,
         )
+        self.objective = RLObjective(rl, self.regime, self.num_mtp, self.base, calibrator)
         data = job_config.data
         _, self.heldout = arithmetic_problems(
             data.seed, data.max_digits, data.num_train, data.num_heldout
@@ -243,94 +221,6 @@ class RLTrainer(Trainer):
             out.append(token_logprobs(model, hidden, labels).logp[0].cpu())
         return torch.cat(out)
 
-    # ---------------------------------------------------------------- the loss
-
-    def _mtp_terms(
-        self,
-        stats: AlignedTokenStats,
-        batch: RolloutBatch,
-        counts: dict[str, torch.Tensor],
-        log: dict[str, float],
-    ) -> torch.Tensor:
-        """The regime's MTP loss term; records per-head metrics into ``log``."""
-        rl = self.job_config.rl
-        old_logp, adv = batch.old_logp, batch.advantages
-        heads = range(1, self.num_mtp + 1)
-        occ = self.calibrator.calibrate(stats.logp[0], old_logp, stats.logp[1:], stats.mask[1:])
-        total = torch.zeros((), device=stats.logp.device)
-        for k in heads:
-            mask = stats.mask[k]
-            norm = {"global_tokens": counts["tokens"][k], "global_seqs": counts["seqs"][k]}
-            ce = aggregate(-stats.logp[k], mask, "token-mean", **norm)
-            pg_kwargs = dict(
-                logp=stats.logp[k],
-                old_logp=old_logp,
-                advantages=adv,
-                mask=mask,
-                clip_low=rl.clip_ratio_low,
-                clip_high=rl.clip_ratio_high,
-                dual_clip=rl.dual_clip,
-                agg=rl.loss_agg_mode,
-                gspo=rl.gspo,
-                **norm,
-            )
-            pg = policy_loss(**pg_kwargs)[0]
-            if self.regime in ("detach", "ce"):
-                coefficient = self.base
-                total = total + self.base * ce
-            elif self.regime == "policy":
-                coefficient = self.base
-                total = total + self.base * pg
-            else:
-                coefficient = occ.coefficient[k - 1].item()
-                total = total + self.calibrator.head_loss(occ.coefficient[k - 1], **pg_kwargs)[0]
-            log[f"mtp/pg_loss/head{k}"] += pg.detach().item()
-            log[f"mtp/ce_loss/head{k}"] += ce.detach().item()
-            log[f"_top1/head{k}"] += (stats.top1[k] & mask).sum().item()
-            log[f"_tokens/head{k}"] += mask.sum().item()
-            log[f"occ/correlation_proxy/head{k}"] += occ.correlation[k - 1].item()
-            log[f"occ/penalty_proxy/head{k}"] += occ.penalty[k - 1].item()
-            log[f"occ/gain_proxy/head{k}"] += occ.gain[k - 1].item()
-            log[f"occ/coefficient/head{k}"] += float(coefficient)
-        return total
-
-    def _micro_batch_loss(
-        self, batch: RolloutBatch, counts: dict[str, torch.Tensor], log: dict[str, float]
-    ) -> torch.Tensor:
-        rl = self.job_config.rl
-        detach = self.regime == "detach"
-        batch = batch.to(self.device)
-        hidden = self.model(batch.inputs, detach_mtp_inputs=detach)
-        stats = token_logprobs(self.model, hidden, batch.labels, detach_mtp_head=detach)
-        mask = stats.mask[0]
-        norm = {"global_tokens": counts["tokens"][0], "global_seqs": counts["seqs"][0]}
-        loss, pg_stats = policy_loss(
-            stats.logp[0],
-            batch.old_logp,
-            batch.advantages,
-            mask,
-            clip_low=rl.clip_ratio_low,
-            clip_high=rl.clip_ratio_high,
-            dual_clip=rl.dual_clip,
-            agg=rl.loss_agg_mode,
-            gspo=rl.gspo,
-            **norm,
-        )
-        log["_clipped"] += float(pg_stats.clipped_tokens)
-        entropy = aggregate(stats.entropy[0], mask, "token-mean", **norm)
-        log["rl/entropy"] += entropy.detach().item()
-        if rl.entropy_coef:
-            loss = loss - rl.entropy_coef * aggregate(
-                stats.entropy[0], mask, rl.loss_agg_mode, **norm
-            )
-        if batch.ref_logp is not None:
-            kl = kl_k3(stats.logp[0], batch.ref_logp)
-            loss = loss + rl.kl_coef * aggregate(kl, mask, rl.loss_agg_mode, **norm)
-            log["rl/kl"] += aggregate(kl, mask, "token-mean", **norm).detach().item()
-        if self.num_mtp:
-            loss = loss + self._mtp_terms(stats, batch, counts, log)
-        return loss
-
     def _counts(self, micro_batches: list[RolloutBatch]) -> dict[str, torch.Tensor]:
         """Global valid tokens and sequences per head [H] over one mini-batch."""
         heads = self.num_mtp + 1
@@ -397,7 +287,7 @@ class RLTrainer(Trainer):
                 counts = self._counts(micro)
                 self.optimizers.zero_grad()
                 for mb in micro:
-                    self._micro_batch_loss(mb, counts, log).backward()
+                    self.objective(self.model, mb.to(self.device), counts, log).backward()
                     updates += 1
                 grad_norm = dist_utils.clip_grad_norm_(
                     list(self.model.parameters()), self.job_config.training.max_norm, foreach=True
