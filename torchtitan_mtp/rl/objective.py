@@ -113,6 +113,31 @@ class RLObjective:
             log[f"occ/coefficient/head{k}"] += coefficient
         return total
 
+    def diagnostic_losses(
+        self, model: nn.Module, batch: RolloutBatch, counts: dict[str, torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """[main surrogate, MTP loss of head 1, ..., head K], unscaled (loss shares).
+
+        The head losses are the regime's: CE_k for detach/ce, L_PG(l^k) for policy/occ.
+        Minus their gradients are the directions g and g_m of OCC_SPEC §3.
+        """
+        detach = self.regime == "detach"
+        hidden = model(batch.inputs, detach_mtp_inputs=detach)
+        stats = token_logprobs(model, hidden, batch.labels, detach_mtp_head=detach)
+        losses = []
+        for k in range(self.num_mtp + 1):
+            mask, tokens, seqs = stats.mask[k], counts["tokens"][k], counts["seqs"][k]
+            if k > 0 and self.regime in ("detach", "ce"):
+                losses.append(
+                    aggregate(
+                        -stats.logp[k], mask, "token-mean", global_tokens=tokens, global_seqs=seqs
+                    )
+                )
+            else:
+                kwargs = self._policy_kwargs(stats.logp[k], batch, mask, tokens, seqs)
+                losses.append(policy_loss(**kwargs)[0])
+        return losses
+
     def __call__(
         self,
         model: nn.Module,

@@ -285,6 +285,9 @@ class RLTrainer(Trainer):
                     for s in range(lo, hi, rl.micro_batch_size)
                 ]
                 counts = self._counts(micro)
+                last = hi == bounds[-1]
+                if last and rl.diagnostics_every and step % rl.diagnostics_every == 0:
+                    log.update(self.exact_gradient_diagnostics(micro, counts))
                 self.optimizers.zero_grad()
                 for mb in micro:
                     self.objective(self.model, mb.to(self.device), counts, log).backward()
@@ -316,6 +319,43 @@ class RLTrainer(Trainer):
             time.perf_counter() - t0,
         )
 
+    def exact_gradient_diagnostics(
+        self, micro: list[RolloutBatch], counts: dict[str, torch.Tensor]
+    ) -> dict[str, float]:
+        """True <g, g_m^k>, ||g_m^k||^2 and their cosine over all trainable parameters.
+
+        OCC_SPEC §5: g = -grad of the main surrogate, g_m^k = -grad of head k's MTP loss,
+        on one mini-batch (the step's last, where the policy has moved). K + 1 extra
+        backward passes: for small models.
+        """
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grads = []
+        for term in range(self.num_mtp + 1):
+            self.optimizers.zero_grad()
+            for mb in micro:
+                self.objective.diagnostic_losses(self.model, mb.to(self.device), counts)[
+                    term
+                ].backward()
+            grads.append([None if p.grad is None else -p.grad.detach().clone() for p in params])
+        self.optimizers.zero_grad()
+
+        def dot(a: list, b: list) -> float:
+            total = 0.0
+            for x, y in zip(a, b, strict=True):
+                if x is not None and y is not None:
+                    d = (x * y).sum()
+                    total += float(d.full_tensor() if hasattr(d, "full_tensor") else d)
+            return total
+
+        out = {}
+        g_sq = dot(grads[0], grads[0])
+        for k in range(1, self.num_mtp + 1):
+            inner, gm_sq = dot(grads[0], grads[k]), dot(grads[k], grads[k])
+            out[f"_diag/inner_product/head{k}"] = inner
+            out[f"_diag/mtp_grad_sq_norm/head{k}"] = gm_sq
+            out[f"_diag/cosine/head{k}"] = inner / max((g_sq * gm_sq) ** 0.5, 1e-30)
+        return out
+
     def _log_step(
         self,
         log,
@@ -344,6 +384,7 @@ class RLTrainer(Trainer):
                 float((batch.inputs != self.pad_id).sum()),
             ]
         )
+        diagnostics = {k[1:]: log.pop(k) for k in list(log) if k.startswith("_diag/")}
         keys = sorted(log)
         values = torch.tensor([log[k] for k in keys], dtype=torch.float32)
         totals = self._global_sum(torch.cat([sums, values]).to(self.device)).cpu()
@@ -376,6 +417,7 @@ class RLTrainer(Trainer):
                 metrics[key] = value / (updates * self.dp_degree)  # same on every rank
             else:
                 metrics[key] = value / num_updates
+        metrics.update(diagnostics)
         self.last_metrics = metrics
         self.metrics_processor.logger.log(metrics, self.step)
         lambdas = " ".join(
