@@ -105,7 +105,9 @@ def test_rl_raises_heldout_accuracy_and_logs_every_spec_tag(warm_start, tmp_path
 
 
 def test_rl_resume_from_checkpoint_continues_exactly(warm_start, tmp_path):
-    args = ("--rl.steps", "4", "--checkpoint.interval", "2", "--eval.every_steps", "0")
+    # With a KL term, so the frozen reference model is part of the resumed state.
+    args = ("--rl.steps", "4", "--checkpoint.interval", "2", "--eval.every_steps", "0",
+            "--rl.kl_coef", "0.05")  # fmt: skip
     full = from_warm_start(warm_start, tmp_path / "full")
     run_job(full, *args)
     resumed = from_warm_start(warm_start, tmp_path / "resumed")
@@ -114,7 +116,8 @@ def test_rl_resume_from_checkpoint_continues_exactly(warm_start, tmp_path):
     run_job(resumed, *args)
     a, b = scalars(full), scalars(resumed)
     assert sorted(b["rl/reward_mean"]) == [3, 4]
-    for tag in ("rl/reward_mean", "rl/grad_norm", "occ/coefficient/head1", "mtp/ce_loss/head2"):
+    tags = ("rl/reward_mean", "rl/grad_norm", "rl/kl", "occ/coefficient/head1", "mtp/ce_loss/head2")
+    for tag in tags:
         for step in (3, 4):
             assert b[tag][step] == pytest.approx(a[tag][step], rel=1e-5, abs=1e-7), (tag, step)
 

@@ -38,7 +38,6 @@ class MTPTrainer(Trainer):
         super().__init__(job_config)
         self.num_heads = job_config.mtp.num_modules + 1
         self.detach_mtp = job_config.mtp.regime == "detach"
-        self.last_metrics: dict[str, float] = {}
 
     def _global_sum(self, x: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over the data-parallel ranks (identity without DP)."""
@@ -108,7 +107,6 @@ class MTPTrainer(Trainer):
         for k in range(1, self.num_heads):
             metrics[f"mtp/ce_loss/head{k}"] = ce[k].item()
             metrics[f"mtp/top1_agreement/head{k}"] = agreement[k].item()
-        self.last_metrics = {"loss": loss.item(), "grad_norm": grad_norm.item(), **metrics}
         if self.metrics_processor.should_log(self.step):
             self.metrics_processor.log(
                 self.step, loss.item(), loss.item(), grad_norm.item(), extra_metrics=metrics

@@ -120,7 +120,6 @@ class RLTrainer(Trainer):
         )
         self.pad_id = self.tokenizer.tokenizer.token_to_id("<pad>") or 0
         self.ref_model = self._build_reference_model() if rl.kl_coef > 0 else None
-        self.last_metrics: dict[str, float] = {}
 
     # ---------------------------------------------------------------- setup helpers
 
@@ -234,7 +233,7 @@ class RLTrainer(Trainer):
 
     # ---------------------------------------------------------------- the step
 
-    def train_step(self, data_iterator) -> None:  # noqa: C901 (the step reads top to bottom)
+    def train_step(self, data_iterator) -> None:
         rl, step = self.job_config.rl, self.step
         n = rl.samples_per_prompt
         t0 = time.perf_counter()
@@ -418,7 +417,6 @@ class RLTrainer(Trainer):
             else:
                 metrics[key] = value / num_updates
         metrics.update(diagnostics)
-        self.last_metrics = metrics
         self.metrics_processor.logger.log(metrics, self.step)
         lambdas = " ".join(
             f"{metrics[f'occ/coefficient/head{k}']:+.3f}" for k in range(1, self.num_mtp + 1)
