@@ -140,6 +140,7 @@ mtp_flavors: dict[str, MTPModelArgs] = {
 
 def register_train_specs() -> None:
     """Register ``[model] name = "mtp_transformer"`` with TorchTitan's registry."""
+    from ..checkpoints.adapter import MTPStateDictAdapter
     from ..data.arithmetic import build_dataloader
     from ..data.tokenizer import build_tokenizer
     from ..losses import build_mtp_sft_loss
@@ -156,5 +157,6 @@ def register_train_specs() -> None:
             build_dataloader_fn=build_dataloader,
             build_tokenizer_fn=build_tokenizer,
             build_loss_fn=build_mtp_sft_loss,
+            state_dict_adapter=MTPStateDictAdapter,
         ),
     )
