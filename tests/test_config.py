@@ -106,7 +106,7 @@ def test_toml_values_land_in_every_section(tmp_path):
     assert config.occ == OCC("mean_of_ratios", 1e-8, "loss", 0.5, 2.0)
     assert config.rl.steps == 7 and config.rollout.engine == "vllm"
     assert config.reward.function == "contains" and config.eval.every_steps == 3
-    assert config.data == Data("arithmetic", 4, 100, 10, 5)
+    assert config.data == Data(max_digits=4, num_train=100, num_heldout=10, seed=5)
     assert config.training.steps == 11 and config.training.dataloader.num_workers == 2
 
 

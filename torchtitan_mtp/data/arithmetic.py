@@ -169,24 +169,27 @@ def build_dataloader(
     """The TrainSpec dataloader builder; ``[training] dataset`` selects what it yields.
 
     - ``"arithmetic"``: SFT samples ({"input": [B, S]}, labels [B, S]) of the train split;
-    - ``"arithmetic_prompts"``: RL prompt batches, lists of ``Problem`` of the train split.
+    - ``"rl_prompts"``: RL prompt batches (lists of records) of the ``[data]`` train split.
 
     ``training.local_batch_size`` is the batch per data-parallel rank.
     """
     data, training = job_config.data, job_config.training
-    train, _ = arithmetic_problems(data.seed, data.max_digits, data.num_train, data.num_heldout)
     if training.dataset == "arithmetic":
+        train, _ = arithmetic_problems(data.seed, data.max_digits, data.num_train, data.num_heldout)
         targets = noisy_teacher(train, data.sft_carry_error_rate, data.seed)
         dataset = SFTDataset(
             targets, tokenizer, training.seq_len, data.seed, dp_rank, dp_world_size
         )
         collate = _collate
-    elif training.dataset == "arithmetic_prompts":
-        dataset, collate = ProblemStream(train, data.seed, dp_rank, dp_world_size), list
+    elif training.dataset == "rl_prompts":
+        from .tasks import rl_prompt_splits
+
+        records, _ = rl_prompt_splits(job_config)
+        dataset, collate = ProblemStream(records, data.seed, dp_rank, dp_world_size), list
     else:
         raise ValueError(
             f"training.dataset = {training.dataset!r} is unknown; "
-            "available: 'arithmetic' (SFT samples), 'arithmetic_prompts' (RL prompts)"
+            "available: 'arithmetic' (SFT samples), 'rl_prompts' (RL prompts)"
         )
     return ParallelAwareDataloader(
         dataset,

@@ -7,8 +7,10 @@ loaded through TorchTitan's own ``HuggingFaceTokenizer``.
 
 from __future__ import annotations
 
+import functools
 import json
 import string
+import tempfile
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -20,6 +22,7 @@ __all__ = [
     "BUILTIN_ARITHMETIC",
     "build_arithmetic_tokenizer",
     "build_tokenizer",
+    "tokenizer_dir",
     "write_arithmetic_tokenizer",
 ]
 
@@ -56,20 +59,43 @@ def write_arithmetic_tokenizer(directory: Path = ARITHMETIC_TOKENIZER) -> None:
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+FROM_GGUF = "from_gguf"
+"""``[model] hf_assets_path`` value that rebuilds the tokenizer of ``model.gguf_file``."""
+
+
+@functools.cache
+def _gguf_tokenizer_dir(gguf_file: str) -> str:
+    from ..checkpoints.gguf_loader import resolve_gguf, write_gguf_tokenizer
+
+    return str(write_gguf_tokenizer(resolve_gguf(gguf_file), tempfile.mkdtemp("_tokenizer")))
+
+
+def tokenizer_dir(job_config: JobConfig) -> str:
+    """The directory holding tokenizer.json for this job (resolving the special values)."""
+    path = job_config.model.hf_assets_path
+    if path == BUILTIN_ARITHMETIC:
+        return str(ARITHMETIC_TOKENIZER)
+    if path == FROM_GGUF:
+        gguf_file = getattr(job_config.model, "gguf_file", "")
+        if not gguf_file:
+            raise ValueError('model.hf_assets_path = "from_gguf" needs model.gguf_file')
+        return _gguf_tokenizer_dir(gguf_file)
+    if not Path(path, "tokenizer.json").is_file():
+        raise FileNotFoundError(
+            f"model.hf_assets_path = {path!r}: no tokenizer.json there; use "
+            f"{BUILTIN_ARITHMETIC!r} for the shipped arithmetic tokenizer or {FROM_GGUF!r} "
+            "for the tokenizer inside model.gguf_file"
+        )
+    return path
+
+
 def build_tokenizer(job_config: JobConfig) -> HuggingFaceTokenizer:
     """The TrainSpec tokenizer builder: TorchTitan's HF tokenizer from ``hf_assets_path``.
 
-    ``hf_assets_path = "builtin:arithmetic"`` selects the shipped arithmetic tokenizer.
+    ``"builtin:arithmetic"`` selects the shipped arithmetic tokenizer; ``"from_gguf"`` the
+    tokenizer inside ``model.gguf_file``.
     """
-    path = job_config.model.hf_assets_path
-    if path == BUILTIN_ARITHMETIC:
-        path = str(ARITHMETIC_TOKENIZER)
-    if not Path(path, "tokenizer.json").is_file():
-        raise FileNotFoundError(
-            f"model.hf_assets_path = {job_config.model.hf_assets_path!r}: no tokenizer.json "
-            f"there; use {BUILTIN_ARITHMETIC!r} for the shipped arithmetic tokenizer"
-        )
-    return HuggingFaceTokenizer(path)
+    return HuggingFaceTokenizer(tokenizer_dir(job_config))
 
 
 if __name__ == "__main__":

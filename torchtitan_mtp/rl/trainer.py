@@ -12,7 +12,7 @@ add ``(c/K) sum_k CE_k`` (with detached inputs for ``detach``), ``policy`` adds
 
 TorchTitan's Trainer builds everything (model, parallelism, optimizers, LR schedulers,
 CheckpointManager, metrics) from the ``mtp_transformer`` TrainSpec; its dataloader here
-yields prompt batches (``training.dataset = "arithmetic_prompts"``).
+yields prompt batches (``training.dataset = "rl_prompts"``).
 """
 
 from __future__ import annotations
@@ -25,15 +25,20 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
 from ..config import MTPJobConfig
-from ..data.arithmetic import Problem, arithmetic_problems
+from ..data.arithmetic import Problem
+from ..data.tasks import rl_prompt_splits
 from ..models.logprobs import IGNORE_INDEX, target_mask, token_logprobs
-from ..rewards import get_reward_function
+from ..rewards import get_reward_function, score_batch
 from ..rollout.base import Completion, SamplingParams
 from ..rollout.native import NativeRolloutEngine
 from .losses import (
@@ -66,7 +71,7 @@ def rl_stage_config(config: MTPJobConfig, init_load_path: str | None) -> MTPJobC
             f"data-parallel degree {dp}"
         )
     rl.training.steps = config.rl.steps
-    rl.training.dataset = "arithmetic_prompts"
+    rl.training.dataset = "rl_prompts"
     rl.training.local_batch_size = config.rl.prompts_per_step // dp  # prompts per rank
     rl.training.global_batch_size = -1
     rl.optimizer.lr = config.rl.lr
@@ -102,7 +107,15 @@ class RLTrainer(Trainer):
             self.parallel_dims.get_mesh("tp").get_group() if self.parallel_dims.tp_enabled else None
         )
         self.engine = NativeRolloutEngine(self.model, tokenizer=self.tokenizer, tp_group=tp_group)
-        self.reward_fn = get_reward_function(job_config.reward.function)
+        reward = job_config.reward
+        options = (
+            {"workers": reward.workers, "timeout_s": reward.timeout_s}
+            if reward.function == "math_verify"
+            else {}
+        )
+        self.reward_fn = get_reward_function(reward.function, **options)
+        if hasattr(self.reward_fn, "start"):
+            self.reward_fn.start()  # the worker pool starts now, not inside step 1
         occ = job_config.occ
         calibrator = OCCCalibrator(
             base=self.base,
@@ -114,10 +127,9 @@ class RLTrainer(Trainer):
             group=self.dp_group,
         )
         self.objective = RLObjective(rl, self.regime, self.num_mtp, self.base, calibrator)
-        data = job_config.data
-        _, self.heldout = arithmetic_problems(
-            data.seed, data.max_digits, data.num_train, data.num_heldout
-        )
+        _, self.heldout = rl_prompt_splits(job_config)
+        # Chat-rendered prompts carry their own special tokens; plain ones get <bos>.
+        self.add_bos = not job_config.data.chat_template
         self.pad_id = self.tokenizer.tokenizer.token_to_id("<pad>") or 0
         self.ref_model = self._build_reference_model() if rl.kl_coef > 0 else None
 
@@ -140,6 +152,18 @@ class RLTrainer(Trainer):
         ref.requires_grad_(False)
         ref.eval()
         return ref
+
+    def _load_gguf(self, name: str) -> None:
+        """Trunk weights from a GGUF file into the (possibly sharded) policy."""
+        from ..checkpoints.gguf_loader import gguf_state_dict, resolve_gguf
+
+        path = resolve_gguf(name)
+        state = gguf_state_dict(path, self.model_args)
+        if self.model_args.enable_weight_tying:
+            state.pop("output.weight")  # the same parameter as the embedding
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(self.model, state, options=options)
+        logger.info(f"Initial weights from {path}; MTP modules keep their initialisation")
 
     def _sync_reference_model(self) -> None:
         """Copy the policy's current (= initial, at RL start) weights into the reference."""
@@ -184,7 +208,9 @@ class RLTrainer(Trainer):
         )
 
     def _prompt_ids(self, problems: list[Problem]) -> list[list[int]]:
-        return [self.tokenizer.encode(p.prompt, add_bos=True, add_eos=False) for p in problems]
+        return [
+            self.tokenizer.encode(p.prompt, add_bos=self.add_bos, add_eos=False) for p in problems
+        ]
 
     def _response_text(self, completion: Completion) -> str:
         ids = [t for t in completion.token_ids if t != self.tokenizer.eos_id]
@@ -246,12 +272,8 @@ class RLTrainer(Trainer):
 
         # 2. Reward, 3. GRPO advantages (groups of n consecutive samples).
         answers = [p.answer for p in problems for _ in range(n)]
-        correct = torch.tensor(
-            [
-                self.reward_fn(self._response_text(c), a)
-                for c, a in zip(completions, answers, strict=True)
-            ]
-        )
+        texts = [self._response_text(c) for c in completions]
+        correct = torch.tensor(score_batch(self.reward_fn, texts, answers))
         rewards = correct.clone()
         lengths = torch.tensor([len(c.token_ids) for c in completions], dtype=torch.float32)
         if rl.overlong_buffer:
@@ -417,6 +439,9 @@ class RLTrainer(Trainer):
             else:
                 metrics[key] = value / num_updates
         metrics.update(diagnostics)
+        if hasattr(self.reward_fn, "stats"):  # outcome counts of the reward workers
+            stats = self.reward_fn.stats(reset=True)
+            metrics.update({f"reward/{reason}": float(n) for reason, n in stats.items()})
         self.metrics_processor.logger.log(metrics, self.step)
         lambdas = " ".join(
             f"{metrics[f'occ/coefficient/head{k}']:+.3f}" for k in range(1, self.num_mtp + 1)
@@ -438,10 +463,8 @@ class RLTrainer(Trainer):
             self._step_seed(self.step, salt=1), greedy=self.job_config.eval.greedy
         )
         completions = self.engine.generate(self._prompt_ids(problems), params)
-        correct = sum(
-            self.reward_fn(self._response_text(c), p.answer)
-            for c, p in zip(completions, problems, strict=True)
-        )
+        texts = [self._response_text(c) for c in completions]
+        correct = sum(score_batch(self.reward_fn, texts, [p.answer for p in problems]))
         totals = self._global_sum(
             torch.tensor([correct, len(problems)], dtype=torch.float64, device=self.device)
         )
@@ -456,7 +479,9 @@ class RLTrainer(Trainer):
     def train(self) -> dict[str, Any]:
         """Load (resume or warm start), evaluate, run the steps; returns eval accuracies."""
         config = self.job_config
-        self.checkpointer.load(step=config.checkpoint.load_step)
+        loaded = self.checkpointer.load(step=config.checkpoint.load_step)
+        if not loaded and config.model.gguf_file:
+            self._load_gguf(config.model.gguf_file)
         if self.ref_model is not None and self.step == 0:
             self._sync_reference_model()  # the warm-start policy; a resume restores its own
         logger.info(f"RL training starts at step {self.step + 1}")
