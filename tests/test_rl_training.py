@@ -92,7 +92,7 @@ def test_rl_raises_heldout_accuracy_and_logs_every_spec_tag(warm_start, tmp_path
                      "--rl.diagnostics_every", "20")  # fmt: skip
     assert "SFT stage already finished" in output
     tags = scalars(dump)
-    accuracy = tags["eval/accuracy"]
+    accuracy = tags["eval/heldout/greedy"]
     assert sorted(accuracy) == [0, 40]
     # Observed: 0.36 -> 0.45 (seeded). The margin leaves room for float differences.
     assert accuracy[40] >= accuracy[0] + 0.04, accuracy
@@ -127,8 +127,8 @@ def test_two_process_fsdp_rl_steps_run_on_gloo(warm_start, tmp_path):
     output = run_job(dump, "--rl.steps", "2", "--eval.every_steps", "2", nproc=2)
     tags = scalars(dump)
     assert sorted(tags["rl/reward_mean"]) == [1, 2]
-    assert 0.0 <= tags["eval/accuracy"][2] <= 1.0
-    assert "held-out accuracy" in output
+    assert 0.0 <= tags["eval/heldout/greedy"][2] <= 1.0
+    assert "eval step 2 | heldout" in output  # the printed table
 
 
 @pytest.mark.parametrize("regime", ["detach", "ce", "policy"])

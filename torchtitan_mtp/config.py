@@ -224,8 +224,12 @@ class Eval:
     every_steps: int = field(default=0, metadata={"ge": 0})
     """Evaluate on the held-out set every N RL steps (and before the first); 0 disables"""
 
-    greedy: bool = True
-    """Greedy decoding for evaluation (else rollout sampling settings)"""
+    samples: int = field(default=0, metadata={"ge": 0})
+    """k: sampled responses per problem for avg@k and pass@k (rollout settings); 0 = greedy
+    accuracy only"""
+
+    sets: list[str] = field(default_factory=lambda: ["heldout"])
+    """Prompt sets: "heldout" (the [data] held-out split) and/or "aime2025" """
 
 
 @dataclass
@@ -445,6 +449,9 @@ def validate_job_config(config: MTPJobConfig, source: str = "<config>") -> None:
             f"data.name = {data.name!r} has no SFT stage; set training.steps = 0 (the RL "
             "stage starts from model.gguf_file or checkpoint.initial_load_path)"
         )
+    unknown_sets = sorted(set(config.eval.sets) - {"heldout", "aime2025"})
+    if unknown_sets:
+        problems.append(f"eval.sets has {unknown_sets}; allowed: 'heldout', 'aime2025'")
     if training.local_batch_size < 1:
         problems.append(f"training.local_batch_size = {training.local_batch_size} must be >= 1")
     if training.steps < 0:

@@ -36,7 +36,10 @@ from torchtitan.train import Trainer
 
 from ..config import MTPJobConfig
 from ..data.arithmetic import Problem
+from ..data.datasets import aime2025, apply_chat_template
 from ..data.tasks import rl_prompt_splits
+from ..data.tokenizer import tokenizer_dir
+from ..evaluation import EvalSums, evaluate_set, format_table
 from ..models.logprobs import IGNORE_INDEX, target_mask, token_logprobs
 from ..rewards import get_reward_function, score_batch
 from ..rollout.base import Completion, SamplingParams
@@ -456,34 +459,60 @@ class RLTrainer(Trainer):
 
     # ---------------------------------------------------------------- eval and loop
 
-    def evaluate(self) -> float:
-        """Held-out accuracy, greedy (or sampled) decoding, split over data-parallel ranks."""
-        problems = self.heldout[self.dp_rank :: self.dp_degree]
-        params = self._sampling_params(
-            self._step_seed(self.step, salt=1), greedy=self.job_config.eval.greedy
-        )
-        completions = self.engine.generate(self._prompt_ids(problems), params)
-        texts = [self._response_text(c) for c in completions]
-        correct = sum(score_batch(self.reward_fn, texts, [p.answer for p in problems]))
-        totals = self._global_sum(
-            torch.tensor([correct, len(problems)], dtype=torch.float64, device=self.device)
-        )
-        accuracy = (totals[0] / totals[1]).item()
-        self.metrics_processor.logger.log({"eval/accuracy": accuracy}, self.step)
-        logger.info(
-            f"rl step {self.step:3d} | held-out accuracy {accuracy:.3f} "
-            f"({int(totals[0])}/{int(totals[1])})"
-        )
-        return accuracy
+    def _eval_sets(self) -> dict[str, list[Problem]]:
+        sets = {}
+        for name in self.job_config.eval.sets:
+            if name == "heldout":
+                sets[name] = self.heldout
+            else:  # aime2025, evaluation only
+                records = aime2025(self.job_config.data.prompt_template)
+                if self.job_config.data.chat_template:
+                    records = apply_chat_template(records, tokenizer_dir(self.job_config))
+                sets[name] = records
+        return sets
 
-    def train(self) -> dict[str, Any]:
-        """Load (resume or warm start), evaluate, run the steps; returns eval accuracies."""
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        """Greedy accuracy (and avg@k, pass@k) per eval set, split over data-parallel ranks.
+
+        Logged as ``eval/<set>/<metric>`` and printed as a table; returns the metrics.
+        """
+        k = self.job_config.eval.samples
+        results, rows = {}, {}
+        for name, records in self._eval_sets().items():
+            mine = records[self.dp_rank :: self.dp_degree]
+            sums = evaluate_set(
+                self.engine,
+                self._prompt_ids(mine),
+                [p.answer for p in mine],
+                self.reward_fn,
+                self._response_text,
+                greedy=self._sampling_params(0, greedy=True),
+                sampled=self._sampling_params(self._step_seed(self.step, salt=1)),
+                k=k,
+            )
+            sums = EvalSums.from_tensor(self._global_sum(sums.tensor().to(self.device)).cpu())
+            metrics = sums.metrics(k)
+            results[name] = metrics
+            rows[name] = (int(sums.problems), metrics)
+            self.metrics_processor.logger.log(
+                {f"eval/{name}/{m}": v for m, v in metrics.items()}, self.step
+            )
+        logger.info("\n" + format_table(self.step, rows))
+        return results
+
+    def load(self) -> None:
+        """Resume the RL stage, or warm-start (SFT checkpoint, or model.gguf_file)."""
         config = self.job_config
         loaded = self.checkpointer.load(step=config.checkpoint.load_step)
         if not loaded and config.model.gguf_file:
             self._load_gguf(config.model.gguf_file)
         if self.ref_model is not None and self.step == 0:
             self._sync_reference_model()  # the warm-start policy; a resume restores its own
+
+    def train(self) -> dict[int, dict[str, dict[str, float]]]:
+        """Load, evaluate, run the steps; returns the eval results by step."""
+        config = self.job_config
+        self.load()
         logger.info(f"RL training starts at step {self.step + 1}")
         every = config.eval.every_steps
         accuracies = {}
