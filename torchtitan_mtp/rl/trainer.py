@@ -156,17 +156,39 @@ class RLTrainer(Trainer):
         ref.eval()
         return ref
 
-    def _load_gguf(self, name: str) -> None:
-        """Trunk weights from a GGUF file into the (possibly sharded) policy."""
-        from ..checkpoints.gguf_loader import gguf_state_dict, resolve_gguf
+    def _load_pretrained(self) -> None:
+        """Initial weights from ``model.hf_checkpoint`` or ``model.gguf_file``.
 
-        path = resolve_gguf(name)
-        state = gguf_state_dict(path, self.model_args)
-        if self.model_args.enable_weight_tying:
-            state.pop("output.weight")  # the same parameter as the embedding
-        options = StateDictOptions(full_state_dict=True, strict=False)
+        Rank 0 loads them into a plain CPU copy of the model (strict name and shape
+        checks); MTP modules the file lacks keep their init, or, with ``mtp.init =
+        "last_block"``, become copies of the loaded last trunk block. The result is
+        broadcast into the (possibly sharded) policy.
+        """
+        from ..checkpoints.gguf_loader import load_gguf, resolve_gguf
+        from ..checkpoints.hf import load_hf_checkpoint
+
+        source = self.job_config.model
+        state: dict[str, torch.Tensor] = {}
+        if dist.get_rank() == 0:
+            with torch.device("meta"):
+                plain = self.train_spec.model_cls(self.model_args)
+            plain.to_empty(device="cpu")
+            plain.init_weights()
+            if source.hf_checkpoint:
+                fresh = load_hf_checkpoint(plain, source.hf_checkpoint).missing_mtp_modules
+                origin = source.hf_checkpoint
+            else:
+                origin = str(resolve_gguf(source.gguf_file))
+                load_gguf(plain, origin)
+                fresh = list(range(plain.num_mtp_modules))
+            if self.model_args.mtp_init == "last_block":
+                plain.copy_last_block_into_mtp(fresh)
+            state = plain.state_dict()
+            if self.model_args.enable_weight_tying:
+                state.pop("output.weight")  # the same parameter as the embedding
+            logger.info(f"Initial weights from {origin}; fresh MTP modules: {fresh}")
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(self.model, state, options=options)
-        logger.info(f"Initial weights from {path}; MTP modules keep their initialisation")
 
     def _sync_reference_model(self) -> None:
         """Copy the policy's current (= initial, at RL start) weights into the reference."""
@@ -504,8 +526,8 @@ class RLTrainer(Trainer):
         """Resume the RL stage, or warm-start (SFT checkpoint, or model.gguf_file)."""
         config = self.job_config
         loaded = self.checkpointer.load(step=config.checkpoint.load_step)
-        if not loaded and config.model.gguf_file:
-            self._load_gguf(config.model.gguf_file)
+        if not loaded and (config.model.hf_checkpoint or config.model.gguf_file):
+            self._load_pretrained()
         if self.ref_model is not None and self.step == 0:
             self._sync_reference_model()  # the warm-start policy; a resume restores its own
 
