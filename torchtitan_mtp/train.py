@@ -133,6 +133,16 @@ class MTPTrainer(Trainer):
         logger.info(f"Training finished in {time.perf_counter() - start:.1f}s")
 
 
+def _parse_or_exit(argv: list[str] | None) -> MTPJobConfig:
+    """The job config; a bad one is logged and exits with status 2."""
+    init_logger()
+    try:
+        return parse_job_config(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        logger.error(str(e))
+        raise SystemExit(2) from None
+
+
 def _final_checkpoint(config: MTPJobConfig, folder: str, step: int) -> str | None:
     """The stage's last checkpoint directory, if it was written completely."""
     path = os.path.join(config.job.dump_folder, folder, f"step-{step}")
@@ -161,12 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     Each stage checkpoints into its own folder (``<checkpoint.folder>/sft`` and ``/rl``);
     a restarted job skips a finished SFT stage and resumes RL from its last checkpoint.
     """
-    init_logger()
-    try:
-        config = parse_job_config(sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
-        logger.error(str(e))
-        raise SystemExit(2) from None
+    config = _parse_or_exit(argv)
     os.environ.setdefault("LOCAL_RANK", "0")
     from .rl.trainer import RLTrainer, rl_stage_config
 
@@ -194,12 +199,7 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     """``python -m torchtitan_mtp.eval --job.config_file X``: evaluate the job's latest
     weights (RL checkpoint, else the finished SFT stage, else model.gguf_file) on
     ``[eval] sets`` with ``[eval] samples``, print the table, log to TensorBoard."""
-    init_logger()
-    try:
-        config = parse_job_config(sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
-        logger.error(str(e))
-        raise SystemExit(2) from None
+    config = _parse_or_exit(argv)
     for key, value in (
         ("RANK", "0"),
         ("LOCAL_RANK", "0"),

@@ -352,18 +352,8 @@ class RLTrainer(Trainer):
         t_update = time.perf_counter() - t1
 
         # 6. Metrics (global over data-parallel ranks).
-        self._log_step(
-            log,
-            updates,
-            grad_norms,
-            correct,
-            rewards,
-            lengths,
-            batch,
-            t_rollout,
-            t_update,
-            time.perf_counter() - t0,
-        )
+        times = (t_rollout, t_update, time.perf_counter() - t0)
+        self._log_step(log, updates, grad_norms, correct, rewards, lengths, batch, times)
 
     def exact_gradient_diagnostics(
         self, micro: list[RolloutBatch], counts: dict[str, torch.Tensor]
@@ -404,17 +394,17 @@ class RLTrainer(Trainer):
 
     def _log_step(
         self,
-        log,
-        updates,
-        grad_norms,
-        correct,
-        rewards,
-        lengths,
-        batch,
-        t_rollout,
-        t_update,
-        t_step,
+        log: dict[str, float],
+        updates: int,
+        grad_norms: list[float],
+        correct: torch.Tensor,
+        rewards: torch.Tensor,
+        lengths: torch.Tensor,
+        batch: RolloutBatch,
+        times: tuple[float, float, float],
     ) -> None:
+        """Reduce the step's sums over data-parallel ranks, log them, print one line."""
+        t_rollout, t_update, t_step = times
         mask = batch.labels != IGNORE_INDEX
         mismatch = (batch.rollout_logp - batch.old_logp).abs()[mask]
         sums = torch.tensor(
