@@ -184,8 +184,6 @@ class RLTrainer(Trainer):
             if self.model_args.mtp_init == "last_block":
                 plain.copy_last_block_into_mtp(fresh)
             state = plain.state_dict()
-            if self.model_args.enable_weight_tying:
-                state.pop("output.weight")  # the same parameter as the embedding
             logger.info(f"Initial weights from {origin}; fresh MTP modules: {fresh}")
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(self.model, state, options=options)
