@@ -1,11 +1,12 @@
 """Rollout engines: generate completions of tokenised prompts with the current policy.
 
-``base`` defines the protocol (``RolloutEngine``, ``SamplingParams``, ``Completion``);
-``native`` is the in-process engine, batched KV-cache decoding on the training model
-itself (plain, FSDP2, TP or FSDP + TP).
+``base`` defines the protocol (``RolloutEngine``, ``SamplingParams``, ``Completion``,
+``SpecDecodeStats``); ``native`` is the in-process engine, batched KV-cache decoding on the
+training model itself (plain, FSDP2, TP or FSDP + TP), optionally self-speculative with the
+model's MTP modules; ``vllm`` drives vLLM (imported only when selected).
 """
 
-from .base import Completion, RolloutEngine, SamplingParams
+from .base import Completion, RolloutEngine, SamplingParams, SpecDecodeStats
 from .native import NativeRolloutEngine, sample_tokens
 
 __all__ = [
@@ -13,5 +14,6 @@ __all__ = [
     "NativeRolloutEngine",
     "RolloutEngine",
     "SamplingParams",
+    "SpecDecodeStats",
     "sample_tokens",
 ]

@@ -1,4 +1,5 @@
-"""The native rollout engine: batched KV-cache decoding on the training model itself.
+"""The native rollout engine: batched KV-cache decoding on the training model itself,
+plain or self-speculative with the model's own MTP modules.
 
 gpt-fast style, pure PyTorch. TorchTitan's blocks have no KV-cache path, so the engine
 evaluates the trunk from the model's own weights:
@@ -8,11 +9,33 @@ evaluates the trunk from the model's own weights:
                 h += w2(silu(w1 x) * w3 x)                                    x = ffn_norm(h)
     logits = norm(h) @ output.weight^T
 
-Prompts are left-padded into one [B, P] batch. A real token's RoPE position is its index
-among its row's real tokens, so every row sees exactly the rotations of an unpadded
-forward; pad keys are masked out of attention. The KV cache has one slot per column of the
-padded layout ([B, n_kv_heads_local, P + max_new_tokens, head_dim] per layer), so a decode
-step writes the same column for every row.
+and MTP module k the same way: ``h^k = block_k(eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1})]))``,
+``logits^k = norm_k(h^k) @ output.weight^T``.
+
+Layout: every cache is indexed by token position, per row. Row b of the KV cache
+([B, n_kv_heads_local, L, head_dim] per layer) holds the keys of its own positions
+0, 1, ...; prompts are right-padded, and each row writes its new tokens at its own
+positions (a scatter), so rows may advance by different numbers of tokens per step. A query
+at position p attends to keys 0..p of its row; stale entries beyond a row's length (prompt
+padding, rejected drafts) are never attended to before they are overwritten.
+
+Self-speculative decoding (``speculative_tokens = K`` > 0), one round per step:
+
+1. Draft: MTP module 1 at the last fed position predicts token m + 1 from h^0 and the last
+   sampled token; module k predicts token m + k from module k - 1's hidden state and the
+   draft of module k - 1 (chained, as in DeepSeek-V3 / MiMo). Drafts are greedy under
+   greedy decoding and sampled from the MTP head's (filtered) distribution q otherwise.
+2. Verify: one trunk forward over [last token, d_1 .. d_K] gives the target distributions
+   p_0 .. p_K. Draft d_j is accepted with probability min(1, p(d_j) / q(d_j)) until the first
+   rejection, which is replaced by a sample of norm(max(p - q, 0)); if all K are accepted,
+   one more token is sampled from p_K (Leviathan et al. 2023; Chen et al. 2023). The output
+   has exactly the distribution of plain sampling; under greedy decoding it is exactly the
+   plain greedy sequence.
+
+Module k's cache entry at position i depends on token i + k, so the last k - 1 entries of
+each round depend on drafts: every round recomputes module k over the K + k positions that
+end at the last fed one, which makes the drafts equal to what the training forward of the
+MTP modules computes on the accepted sequence (teacher forcing).
 
 Parallelism (the model itself stays parallelism-free):
 
@@ -22,12 +45,9 @@ Parallelism (the model itself stays parallelism-free):
   ``param_dtype``: plain tensors under FSDP alone, DTensors on the TP mesh under FSDP + TP.
 - TP: parameters are DTensors and the math uses their local shards. wq/wk/wv/w1/w3 are
   column-sharded (local heads / local hidden units); wo and w2 are row-sharded, so their
-  local outputs are partial sums, all-reduced over the TP group; norms, the embedding and
-  the output head are replicated. Sampled tokens are broadcast from the first TP rank so
-  that every TP rank continues with identical tokens.
-
-Only the trunk's main head generates. ``_forward`` evaluates any number of new tokens at
-any cache column, which is what a later self-speculative mode needs to verify MTP drafts.
+  local outputs are partial sums, all-reduced over the TP group; norms, eh_proj, the
+  embedding and the output head are replicated. Sampled tokens, drafts and acceptance
+  decisions are broadcast from the first TP rank so every TP rank continues identically.
 """
 
 from __future__ import annotations
@@ -45,9 +65,9 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 from torchtitan.tools.logging import logger
 
-from .base import Completion, SamplingParams
+from .base import Completion, SamplingParams, SpecDecodeStats
 
-__all__ = ["NativeRolloutEngine", "sample_tokens"]
+__all__ = ["NativeRolloutEngine", "sample_tokens", "sampling_probs", "speculative_accept"]
 
 PAD_ID = 0
 """Token fed in padding columns and after a row finished; never attended to or returned."""
@@ -133,13 +153,35 @@ class _Block:
 
 
 @dataclass
+class _MTPModule:
+    """One MTP module's local weights."""
+
+    enorm: _Norm
+    hnorm: _Norm
+    eh_proj: torch.Tensor  # [D, 2D], replicated
+    block: _Block
+    norm: _Norm
+
+    @classmethod
+    def of(cls, module: nn.Module) -> _MTPModule:
+        return cls(
+            enorm=_Norm.of(module.enorm),
+            hnorm=_Norm.of(module.hnorm),
+            eh_proj=_local(module.eh_proj.weight),
+            block=_Block.of(module.block),
+            norm=_Norm.of(module.norm),
+        )
+
+
+@dataclass
 class _Weights:
-    """Local views of the trunk's (unsharded) weights, valid while the model is unsharded."""
+    """Local views of the model's (unsharded) weights, valid while the model is unsharded."""
 
     embedding: torch.Tensor  # [V, D], replicated
     blocks: list[_Block]
     norm: _Norm
     output: torch.Tensor  # [V, D], replicated
+    mtp: list[_MTPModule]  # the first K modules, K = speculative tokens
     rope_cache: torch.Tensor  # [max_seq_len, 2 * head_dim]
     head_dim: int
     n_heads: int  # local
@@ -147,7 +189,7 @@ class _Weights:
     tp_group: dist.ProcessGroup | None  # set when the blocks are tensor-parallel
 
     @classmethod
-    def of(cls, model: nn.Module, tp_group: dist.ProcessGroup | None) -> _Weights:
+    def of(cls, model: nn.Module, tp_group: dist.ProcessGroup | None, num_mtp: int) -> _Weights:
         args = model.model_args
         blocks = [_Block.of(block) for block in model.layers.values()]
         head_dim = args.head_dim
@@ -162,6 +204,7 @@ class _Weights:
             blocks=blocks,
             norm=_Norm.of(model.norm),
             output=_local(model.output.weight),
+            mtp=[_MTPModule.of(model.mtp[str(k)]) for k in range(num_mtp)],
             rope_cache=model.rope_cache,
             head_dim=head_dim,
             n_heads=n_heads,
@@ -209,12 +252,13 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class _KVCache:
-    """Per-layer keys and values [B, n_kv_heads_local, length, head_dim], one slot per column."""
+    """Keys and values of a stack of blocks, [B, n_kv_heads_local, L, head_dim] per block,
+    indexed by token position."""
 
-    def __init__(self, w: _Weights, batch: int, length: int, dtype: torch.dtype, device):
+    def __init__(self, w: _Weights, blocks: int, batch: int, length: int, dtype, device):
         shape = (batch, w.n_kv_heads, length, w.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in w.blocks]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in w.blocks]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(blocks)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(blocks)]
 
 
 def _all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -223,18 +267,36 @@ def _all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tenso
     return x
 
 
+def _broadcast(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """The first TP rank's copy of a sampled tensor, so all TP ranks continue identically."""
+    if group is not None:
+        dist.broadcast(x, group=group, group_src=0)
+    return x
+
+
+def _at(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """x [B, L, ...] at per-row positions [B, T] -> [B, T, ...]."""
+    index = positions.view(*positions.shape, *([1] * (x.dim() - 2)))
+    return x.gather(1, index.expand(*positions.shape, *x.shape[2:]))
+
+
+def _put(x: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None:
+    """x[b, positions[b, t]] = values[b, t] for x [B, L, ...], values [B, T, ...]."""
+    index = positions.view(*positions.shape, *([1] * (x.dim() - 2)))
+    x.scatter_(1, index.expand(*values.shape), values)
+
+
 def _attention(
     w: _Weights,
     blk: _Block,
     x: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    start: int,
+    positions: torch.Tensor,
     mask: torch.Tensor,
 ) -> torch.Tensor:
-    """x [B, T, D] of columns start .. start + T - 1 -> attention output [B, T, D]."""
+    """x [B, T, D] at positions [B, T] -> attention output [B, T, D]; caches [B, H_kv, L, hd]."""
     batch, new, _ = x.shape
     q = F.linear(x, blk.wq, blk.bq).view(batch, new, w.n_heads, w.head_dim)
     k = F.linear(x, blk.wk, blk.bk).view(batch, new, w.n_kv_heads, w.head_dim)
@@ -243,11 +305,12 @@ def _attention(
         q = blk.q_norm(q)
     if blk.k_norm is not None:
         k = blk.k_norm(k)
+    cos, sin = rope
     q = q * cos + _rotate_half(q) * sin  # TorchTitan qwen3 apply_rotary_emb
     k = k * cos + _rotate_half(k) * sin
-    end = start + new
-    k_cache[:, :, start:end] = k.transpose(1, 2)
-    v_cache[:, :, start:end] = v.transpose(1, 2)
+    _put(k_cache.transpose(1, 2), positions, k)  # [B, L, H_kv, hd] views of the caches
+    _put(v_cache.transpose(1, 2), positions, v)
+    end = mask.shape[-1]
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),  # [B, H, T, hd]
         k_cache[:, :, :end],  # [B, H_kv, end, hd]
@@ -266,58 +329,69 @@ def _feed_forward(w: _Weights, blk: _Block, x: torch.Tensor) -> torch.Tensor:
     return _all_reduce(out, w.tp_group)
 
 
-def _forward(
-    w: _Weights, tokens: torch.Tensor, start: int, pad_len: torch.Tensor, cache: _KVCache
+def _blocks(
+    w: _Weights,
+    blocks: list[_Block],
+    h: torch.Tensor,
+    positions: torch.Tensor,
+    cache: _KVCache,
+    end: int,
 ) -> torch.Tensor:
-    """Trunk hidden states (before the final norm) of new tokens, filling the KV cache.
+    """Run blocks on h [B, T, D] at positions [B, T] (all < ``end``), filling their cache.
 
-    Args:
-        tokens: [B, T] tokens of cache columns ``start .. start + T - 1``.
-        pad_len: [B] left-padding width of each row; columns < pad_len[b] are padding.
-        cache: KV cache holding columns ``0 .. start - 1``.
-
-    Returns:
-        [B, T, D] hidden states h^0 (the MTP modules' input, before ``norm``).
+    A query at position p attends to its row's cache positions 0..p.
     """
-    new = tokens.shape[1]
-    device = tokens.device
-    cols = torch.arange(start, start + new, device=device)  # [T]
-    positions = (cols[None, :] - pad_len[:, None]).clamp(min=0)  # [B, T]
-    rope = w.rope_cache[positions].unsqueeze(2)  # [B, T, 1, 2 * hd]
-    h = F.embedding(tokens, w.embedding)
-    cos = rope[..., : w.head_dim].to(h.dtype)
-    sin = rope[..., w.head_dim :].to(h.dtype)
-    keys = torch.arange(start + new, device=device)  # [end]
-    causal = keys[None, :] <= cols[:, None]  # [T, end]
-    real = keys[None, :] >= pad_len[:, None]  # [B, end]
-    # A padding query attends to itself only: no all-masked rows (NaN) in the batch.
-    mask = (causal[None] & real[:, None]) | (keys[None, :] == cols[:, None])[None]
-    mask = mask.unsqueeze(1)  # [B, 1, T, end]
-    for i, blk in enumerate(w.blocks):
+    rope = w.rope_cache[positions.clamp(max=w.rope_cache.shape[0] - 1)].unsqueeze(2)
+    rope = rope[..., : w.head_dim].to(h.dtype), rope[..., w.head_dim :].to(h.dtype)
+    keys = torch.arange(end, device=h.device)
+    mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, T, end]
+    for i, blk in enumerate(blocks):
         x = blk.attention_norm(h)
-        h = h + _attention(w, blk, x, cos, sin, cache.k[i], cache.v[i], start, mask)
+        h = h + _attention(w, blk, x, rope, cache.k[i], cache.v[i], positions, mask)
         h = h + _feed_forward(w, blk, blk.ffn_norm(h))
     return h
 
 
-def _logits(w: _Weights, h: torch.Tensor) -> torch.Tensor:
-    """Main-head float32 logits [..., V] of pre-norm hidden states [..., D]."""
-    return F.linear(w.norm(h), w.output).float()
+def _trunk(
+    w: _Weights, tokens: torch.Tensor, positions: torch.Tensor, cache: _KVCache, end: int
+) -> torch.Tensor:
+    """tokens [B, T] at positions [B, T] -> trunk hidden states h^0 [B, T, D] (pre-norm)."""
+    return _blocks(w, w.blocks, F.embedding(tokens, w.embedding), positions, cache, end)
+
+
+def _mtp(
+    w: _Weights,
+    k: int,
+    h_prev: torch.Tensor,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    cache: _KVCache,
+    end: int,
+) -> torch.Tensor:
+    """MTP module k (1-based): h^{k-1} [B, T, D] and tokens t_{i+k} [B, T] -> h^k [B, T, D]."""
+    mod = w.mtp[k - 1]
+    emb = F.embedding(tokens, w.embedding)
+    x = F.linear(torch.cat([mod.enorm(emb), mod.hnorm(h_prev)], dim=-1), mod.eh_proj)
+    return _blocks(w, [mod.block], x, positions, cache, end)
+
+
+def _logits(w: _Weights, norm: _Norm, h: torch.Tensor) -> torch.Tensor:
+    """float32 logits [..., V] of pre-norm hidden states [..., D] through ``norm`` and the head."""
+    return F.linear(norm(h), w.output).float()
 
 
 # ---------------------------------------------------------------------------- sampling
 
 
-def sample_tokens(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
-) -> torch.Tensor:
-    """Sample [B] tokens from raw float32 logits [B, V] with temperature, top-k, top-p."""
-    if params.temperature == 0:
-        return logits.argmax(dim=-1)
+def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The sampling distribution [..., V] of float32 logits [..., V]: temperature, top-k, top-p.
+
+    Requires ``params.temperature > 0``.
+    """
     logits = logits / params.temperature
     vocab = logits.shape[-1]
     if 0 < params.top_k < vocab:
-        kth = logits.topk(params.top_k, dim=-1).values[:, -1:]
+        kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
@@ -325,25 +399,99 @@ def sample_tokens(
         mass_before = probs.cumsum(dim=-1) - probs
         sorted_logits = sorted_logits.masked_fill(mass_before >= params.top_p, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    # Gumbel-style sampling without a host sync: argmax(p / E), E ~ Exp(1).
+    return logits.softmax(dim=-1)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One sample [...] of each distribution [..., V] (unnormalised is fine), without a host
+    sync: argmax(p / E), E ~ Exp(1)."""
     noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
     noise.clamp_(min=torch.finfo(noise.dtype).tiny)
     return (probs / noise).argmax(dim=-1)
+
+
+def sample_tokens(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Sample tokens [...] from raw float32 logits [..., V] with temperature, top-k, top-p."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    return _draw(sampling_probs(logits, params), generator)
+
+
+def speculative_accept(
+    target_logits: torch.Tensor,
+    drafts: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The speculative-sampling rule: accepted draft count and the next token.
+
+    Args:
+        target_logits: [B, K + 1, V] float32 target logits at the positions that predict
+            d_1 .. d_K and the token after d_K.
+        drafts: [B, K] drafted tokens.
+        draft_probs: [B, K, V] the distributions q the drafts were sampled from (None for
+            greedy decoding, where drafts are argmaxes).
+        params: the sampling parameters that define the target distribution p.
+
+    Returns:
+        (accepted [B] in 0..K, next [B]): d_1 .. d_accepted are kept and ``next`` follows
+        them: the correction sampled from norm(max(p - q, 0)) after a rejection, or a sample
+        of p_K when all K drafts were accepted. Greedy: drafts are kept while they equal the
+        target argmax, and ``next`` is the target argmax.
+    """
+    batch, num_drafts = drafts.shape
+    if params.temperature == 0:
+        target = target_logits.argmax(dim=-1)  # [B, K + 1]
+        ok = drafts == target[:, :num_drafts]
+        accepted = ok.long().cumprod(dim=1).sum(dim=1)
+        return accepted, target.gather(1, accepted[:, None]).squeeze(1)
+    p = sampling_probs(target_logits, params)  # [B, K + 1, V]
+    p_draft = p[:, :num_drafts].gather(-1, drafts[..., None]).squeeze(-1)  # [B, K]
+    if num_drafts:
+        q_draft = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)
+        u = torch.rand(batch, num_drafts, device=p.device, generator=generator)
+        ok = u * q_draft < p_draft  # accept with probability min(1, p / q)
+        accepted = ok.long().cumprod(dim=1).sum(dim=1)
+        q = torch.cat([draft_probs, torch.zeros_like(p[:, :1])], dim=1)  # q_K = 0: p_K itself
+    else:
+        accepted = torch.zeros(batch, dtype=torch.long, device=p.device)
+        q = torch.zeros_like(p)
+    p_n, q_n = _at(p, accepted[:, None]).squeeze(1), _at(q, accepted[:, None]).squeeze(1)
+    residual = (p_n - q_n).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)
+    return accepted, _draw(residual, generator)
 
 
 # ---------------------------------------------------------------------------- the engine
 
 
 def _log_progress(
-    t0: float, lengths: torch.Tensor, stopped: torch.Tensor, step: int, max_new: int
+    t0: float, generated: torch.Tensor, stopped: torch.Tensor, step: int, max_new: int
 ) -> None:
     elapsed = time.perf_counter() - t0
-    tokens = int(lengths.sum())
+    tokens = int(generated.sum())
     logger.info(
         f"rollout: {tokens} tokens in {elapsed:.1f}s ({tokens / max(elapsed, 1e-9):.1f} tok/s), "
-        f"{int((~stopped).sum())}/{stopped.numel()} rows running, step {step}/{max_new}"
+        f"{int((~stopped).sum())}/{stopped.numel()} rows running, step {step}, "
+        f"max_new_tokens {max_new}"
     )
+
+
+@dataclass
+class _State:
+    """Per-row decoding state; B rows, L positions."""
+
+    seq: torch.Tensor  # [B, L] token at each position: prompt, sampled tokens, then drafts
+    fed: torch.Tensor  # [B] positions already in the trunk cache (the last sampled is not)
+    generated: torch.Tensor  # [B] response tokens emitted
+    stopped: torch.Tensor  # [B] bool: finished (a stop, or max_new_tokens)
+    stop_hit: torch.Tensor  # [B] bool: finished by a stop token or string
+    out_tokens: torch.Tensor  # [B, max_new + K + 1]: the last column is a write sink
+    out_logp: torch.Tensor  # [B, max_new + K + 1]
+    texts: list[list[int]] | None  # response ids per row, kept for stop strings
 
 
 class NativeRolloutEngine:
@@ -353,6 +501,8 @@ class NativeRolloutEngine:
         model: the ``MTPTransformer``: plain, FSDP2-sharded, TP-sharded or FSDP + TP.
         tokenizer: needed for ``stop_strings`` only (anything with ``decode(ids) -> str``).
         tp_group: the tensor-parallel group; found from the DTensor weights when None.
+        speculative_tokens: K > 0 drafts K tokens per step with MTP modules 1..K and verifies
+            them with one trunk forward (lossless); 0 decodes one token per trunk forward.
         progress_every_s: at most one progress log line per this many seconds.
     """
 
@@ -362,14 +512,25 @@ class NativeRolloutEngine:
         *,
         tokenizer=None,
         tp_group: dist.ProcessGroup | None = None,
+        speculative_tokens: int = 0,
         progress_every_s: float = 10.0,
     ):
+        available = len(model.mtp)
+        if not 0 <= speculative_tokens <= available:
+            raise ValueError(
+                f"speculative_tokens = {speculative_tokens}: the model has {available} MTP "
+                f"module(s), and draft token k comes from module k, so it must be in "
+                f"0..{available} ([rollout] speculative_tokens vs [mtp] num_modules)"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.tp_group = tp_group
+        self.speculative_tokens = speculative_tokens
         self.progress_every_s = progress_every_s
+        self.last_spec_stats: SpecDecodeStats | None = None
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        self.last_spec_stats = None
         if not prompts:
             return []
         if any(len(p) == 0 for p in prompts):
@@ -378,92 +539,216 @@ class NativeRolloutEngine:
             raise ValueError("stop_strings need NativeRolloutEngine(tokenizer=...)")
         if params.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens = {params.max_new_tokens} must be >= 1")
+        longest = max(len(p) for p in prompts) + params.max_new_tokens
+        max_seq_len = self.model.rope_cache.shape[0]
+        if longest > max_seq_len:
+            raise ValueError(
+                f"prompt + max_new_tokens = {longest} tokens exceed the model's "
+                f"max_seq_len = {max_seq_len}"
+            )
         with _unsharded(self.model):
-            weights = _Weights.of(self.model, self.tp_group)
-            longest = max(len(p) for p in prompts) + params.max_new_tokens
-            if longest > weights.rope_cache.shape[0]:
-                raise ValueError(
-                    f"prompt + max_new_tokens = {longest} tokens exceed the model's "
-                    f"max_seq_len = {weights.rope_cache.shape[0]}"
-                )
+            weights = _Weights.of(self.model, self.tp_group, self.speculative_tokens)
             return self._generate(weights, prompts, params)
 
     def _generate(
         self, w: _Weights, prompts: list[list[int]], params: SamplingParams
     ) -> list[Completion]:
-        device = w.embedding.device
-        batch, max_new = len(prompts), params.max_new_tokens
-        prompt_len = max(len(p) for p in prompts)
-        pad_len = torch.tensor([prompt_len - len(p) for p in prompts], device=device)
-        tokens = torch.full((batch, prompt_len), PAD_ID, dtype=torch.long)
+        device, dtype = w.embedding.device, w.embedding.dtype
+        num_drafts, max_new = len(w.mtp), params.max_new_tokens
+        batch, prompt_width = len(prompts), max(len(p) for p in prompts)
+        length = prompt_width + max_new + num_drafts
+        prompt_len = torch.tensor([len(p) for p in prompts], device=device)
+        seq = torch.full((batch, length), PAD_ID, dtype=torch.long)
         for row, prompt in enumerate(prompts):
-            tokens[row, prompt_len - len(prompt) :] = torch.tensor(prompt)
-        tokens = tokens.to(device)
-
+            seq[row, : len(prompt)] = torch.tensor(prompt)
+        state = _State(
+            seq=seq.to(device),
+            fed=prompt_len.clone(),
+            generated=torch.zeros(batch, dtype=torch.long, device=device),
+            stopped=torch.zeros(batch, dtype=torch.bool, device=device),
+            stop_hit=torch.zeros(batch, dtype=torch.bool, device=device),
+            out_tokens=torch.full((batch, max_new + num_drafts + 1), PAD_ID, device=device),
+            out_logp=torch.zeros(batch, max_new + num_drafts + 1, device=device),
+            texts=[[] for _ in prompts] if params.stop_strings else None,
+        )
         generator = torch.Generator(device=device).manual_seed(params.seed)
         stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
-        out_tokens = torch.full((batch, max_new), PAD_ID, dtype=torch.long, device=device)
-        out_logp = torch.zeros(batch, max_new, dtype=torch.float32, device=device)
-        lengths = torch.zeros(batch, dtype=torch.long, device=device)
-        stopped = torch.zeros(batch, dtype=torch.bool, device=device)
-        texts = [[] for _ in prompts] if params.stop_strings else None
+        cache = _KVCache(w, len(w.blocks), batch, length, dtype, device)
+        mtp_caches = [_KVCache(w, 1, batch, length, dtype, device) for _ in w.mtp]
+        # Pre-norm hidden states by position: h^0 (trunk) .. h^{K-1}, inputs of modules 1..K.
+        hidden = [
+            torch.zeros(batch, length, w.embedding.shape[1], dtype=dtype, device=device)
+            for _ in w.mtp
+        ]
+        accepted_per_pos = torch.zeros(num_drafts, dtype=torch.long, device=device)
+        drafts_made = torch.zeros((), dtype=torch.long, device=device)
 
-        cache = _KVCache(w, batch, prompt_len + max_new, w.embedding.dtype, device)
+        # Prefill: the whole right-padded prompt block; row b's next token from position
+        # len_b - 1. Its padding positions are overwritten before anything attends to them.
         t0 = last_log = time.perf_counter()
-        logits = _logits(w, _forward(w, tokens, 0, pad_len, cache)[:, -1])  # prefill
-        for step in range(max_new):
-            running = ~stopped
-            token = sample_tokens(logits, params, generator)
-            if w.tp_group is not None:  # identical tokens on every TP rank
-                dist.broadcast(token, group=w.tp_group, group_src=0)
-            # The behaviour policy's own log-prob (temperature 1, no filtering).
-            logp = logits.gather(-1, token[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)
-            token = token.masked_fill(stopped, PAD_ID)
-            out_tokens[:, step] = token
-            out_logp[:, step] = logp.masked_fill(stopped, 0.0)
-            lengths += running.long()
-            stopped |= running & torch.isin(token, stop_ids)
-            if texts is not None:
-                stopped |= self._stop_string_hits(texts, token, running & ~stopped, params)
-            if step == max_new - 1 or bool(stopped.all()):
+        positions = torch.arange(prompt_width, device=device).expand(batch, -1)
+        h = _trunk(w, state.seq[:, :prompt_width], positions, cache, prompt_width)
+        logits = _logits(w, w.norm, _at(h, (prompt_len - 1)[:, None]))  # [B, 1, V]
+        token = _broadcast(sample_tokens(logits, params, generator), w.tp_group)
+        self._emit(state, params, stop_ids, token, torch.zeros_like(prompt_len), logits)
+        _put(state.seq, prompt_len[:, None], token)
+        if num_drafts:
+            hidden[0][:, :prompt_width] = h
+            window, query = positions, prompt_len - 1
+        rounds = 1
+        while True:
+            alive, end = torch.stack([(~state.stopped).sum(), state.fed.max()]).tolist()
+            if not alive:
                 break
             if time.perf_counter() - last_log >= self.progress_every_s:
                 last_log = time.perf_counter()
-                _log_progress(t0, lengths, stopped, step + 1, max_new)
-            # A self-speculative mode would draft here with the MTP modules and verify the
-            # drafts with one multi-token _forward call.
-            h = _forward(w, token[:, None], prompt_len + step, pad_len, cache)
-            logits = _logits(w, h[:, -1])
+                _log_progress(t0, state.generated, state.stopped, rounds, max_new)
+            running = ~state.stopped
+            if num_drafts:
+                drafts, draft_probs = self._draft(
+                    w, state, hidden, mtp_caches, window, query, end, params, generator
+                )
+            else:
+                drafts, draft_probs = state.seq.new_zeros(batch, 0), None
+            # Verify: the last sampled token and the drafts, in one trunk forward.
+            positions = state.fed[:, None] + torch.arange(num_drafts + 1, device=device)
+            h = _trunk(w, _at(state.seq, positions), positions, cache, end + num_drafts + 1)
+            logits = _logits(w, w.norm, h)  # [B, K + 1, V]
+            accepted, token = speculative_accept(logits, drafts, draft_probs, params, generator)
+            accepted, token = _broadcast(torch.stack([accepted, token]), w.tp_group)
+            if num_drafts:
+                _put(hidden[0], positions, h)
+                hits = torch.arange(num_drafts, device=device)[None, :] < accepted[:, None]
+                accepted_per_pos += (hits & running[:, None]).sum(dim=0)
+                drafts_made += running.sum()
+            # [d_1 .. d_accepted, token, ...]: the row's new tokens are entries 0..accepted.
+            candidates = torch.cat([drafts, token[:, None]], dim=1)
+            candidates.scatter_(1, accepted[:, None], token[:, None])
+            self._emit(state, params, stop_ids, candidates, accepted, logits)
+            _put(state.seq, (state.fed + accepted + 1)[:, None], token[:, None])
+            state.fed = torch.where(state.stopped, state.fed, state.fed + accepted + 1)
+            if num_drafts:  # module k recomputes its last K + k positions: window of 2K
+                window = (
+                    state.fed[:, None]
+                    - 2 * num_drafts
+                    + torch.arange(2 * num_drafts, device=device)
+                ).clamp(min=0)
+                query = None
+            rounds += 1
         if time.perf_counter() - t0 >= self.progress_every_s:  # a summary of long rollouts
-            _log_progress(t0, lengths, stopped, step + 1, max_new)
-        return self._completions(prompts, out_tokens, out_logp, lengths, stopped)
+            _log_progress(t0, state.generated, state.stopped, rounds, max_new)
+        if num_drafts:
+            made = int(drafts_made)
+            self.last_spec_stats = SpecDecodeStats(
+                made, made * num_drafts, accepted_per_pos.cpu().tolist()
+            )
+        return self._completions(prompts, state)
 
-    def _stop_string_hits(
+    def _draft(
         self,
-        texts: list[list[int]],
-        token: torch.Tensor,
-        candidates: torch.Tensor,
+        w: _Weights,
+        state: _State,
+        hidden: list[torch.Tensor],
+        caches: list[_KVCache],
+        window: torch.Tensor,
+        query: torch.Tensor | None,
+        end: int,
         params: SamplingParams,
-    ) -> torch.Tensor:
-        """Rows whose decoded response now contains a stop string (a Python loop over rows)."""
-        hits = torch.zeros_like(candidates)
-        for row in candidates.nonzero().flatten().tolist():
-            texts[row].append(int(token[row]))
-            text = self.tokenizer.decode(texts[row])
-            if any(s in text for s in params.stop_strings):
-                hits[row] = True
-        return hits
+        generator: torch.Generator,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """K chained drafts [B, K] and the distributions they were sampled from [B, K, V].
+
+        Module k runs at the positions ``window`` [B, W] (its last K + k columns after the
+        prefill) and drafts from position ``query`` [B] (the last column when None).
+        Drafts are written into ``state.seq`` after the last sampled token.
+        """
+        num_drafts = len(w.mtp)
+        drafts, probs = [], []
+        for k in range(1, num_drafts + 1):
+            positions = window if query is not None else window[:, num_drafts - k :]
+            h = _mtp(
+                w,
+                k,
+                _at(hidden[k - 1], positions),
+                _at(state.seq, positions + k),  # token i + k: committed, or drafts 1..k-1
+                positions,
+                caches[k - 1],
+                end,
+            )
+            if k < num_drafts:
+                _put(hidden[k], positions, h)
+            last = query if query is not None else torch.full_like(state.fed, h.shape[1] - 1)
+            logits = _logits(w, w.mtp[k - 1].norm, _at(h, last[:, None]).squeeze(1))  # [B, V]
+            if params.temperature == 0:
+                draft = logits.argmax(dim=-1)
+            else:
+                probs.append(sampling_probs(logits, params))
+                draft = _draw(probs[-1], generator)
+            draft = _broadcast(draft, w.tp_group)
+            _put(state.seq, (state.fed + k)[:, None], draft[:, None])
+            drafts.append(draft)
+        return torch.stack(drafts, dim=1), torch.stack(probs, dim=1) if probs else None
+
+    def _emit(
+        self,
+        state: _State,
+        params: SamplingParams,
+        stop_ids: torch.Tensor,
+        candidates: torch.Tensor,
+        accepted: torch.Tensor,
+        logits: torch.Tensor,
+    ) -> None:
+        """Append candidates [B, T] (entries 0..accepted[b] are the row's new tokens) to the
+        running rows' responses, within max_new_tokens and up to a stop; logits [B, T, V]
+        give their behaviour log-probs."""
+        max_new = params.max_new_tokens
+        running = ~state.stopped
+        j = torch.arange(candidates.shape[1], device=candidates.device)[None, :]
+        ok = (j <= accepted[:, None]) & (state.generated[:, None] + j < max_new) & running[:, None]
+        is_stop = torch.isin(candidates, stop_ids) & ok
+        ok &= (is_stop.long().cumsum(dim=1) - is_stop.long()) == 0  # nothing after a stop
+        # The behaviour policy's own log-prob (temperature 1, no filtering).
+        logp = logits.gather(-1, candidates[..., None]).squeeze(-1) - logits.logsumexp(dim=-1)
+        sink = state.out_tokens.shape[1] - 1
+        index = torch.where(ok, state.generated[:, None] + j, sink)
+        state.out_tokens.scatter_(1, index, candidates)
+        state.out_logp.scatter_(1, index, logp)
+        count = ok.sum(dim=1)
+        state.generated += count
+        state.stop_hit |= is_stop.any(dim=1)
+        state.stopped |= running & (is_stop.any(dim=1) | (state.generated >= max_new))
+        if state.texts is not None:
+            self._stop_strings(state, params, candidates, count)
+
+    def _stop_strings(
+        self, state: _State, params: SamplingParams, candidates: torch.Tensor, count: torch.Tensor
+    ) -> None:
+        """Stop rows whose decoded response now contains a stop string, right after it."""
+        counts = count.cpu().tolist()
+        rows = [row for row, n in enumerate(counts) if n]
+        if not rows:
+            return
+        new = candidates.cpu().tolist()
+        first = (state.generated - count).cpu().tolist()
+        for row in rows:
+            for j in range(counts[row]):
+                state.texts[row].append(new[row][j])
+                text = self.tokenizer.decode(state.texts[row])
+                if any(s in text for s in params.stop_strings):
+                    state.generated[row] = first[row] + j + 1
+                    state.stopped[row] = state.stop_hit[row] = True
+                    break
 
     @staticmethod
-    def _completions(prompts, out_tokens, out_logp, lengths, stopped) -> list[Completion]:
-        out_tokens, out_logp = out_tokens.cpu().tolist(), out_logp.cpu().tolist()
-        lengths, stopped = lengths.cpu().tolist(), stopped.cpu().tolist()
+    def _completions(prompts: list[list[int]], state: _State) -> list[Completion]:
+        tokens, logps = state.out_tokens.cpu().tolist(), state.out_logp.cpu().tolist()
+        lengths, stop_hit = state.generated.cpu().tolist(), state.stop_hit.cpu().tolist()
         return [
             Completion(
                 prompt_ids=list(prompt),
-                token_ids=out_tokens[row][: lengths[row]],
-                logprobs=out_logp[row][: lengths[row]],
-                finish_reason="stop" if stopped[row] else "length",
+                token_ids=tokens[row][: lengths[row]],
+                logprobs=logps[row][: lengths[row]],
+                finish_reason="stop" if stop_hit[row] else "length",
             )
             for row, prompt in enumerate(prompts)
         ]
