@@ -26,7 +26,9 @@ from torchtitan_mtp.config import MTPJobConfig
 from torchtitan_mtp.models import MTPTransformer, mtp_flavors, token_logprobs
 from torchtitan_mtp.models.logprobs import IGNORE_INDEX
 from torchtitan_mtp.models.parallelize import parallelize_mtp
+from torchtitan_mtp.checkpoints.adapter import MTPStateDictAdapter
 from torchtitan_mtp.rollout import NativeRolloutEngine, SamplingParams
+from torchtitan_mtp.rollout.weight_sync import BucketStats, hf_weight_buckets
 
 ARGS = dataclasses.replace(
     mtp_flavors["debug"], vocab_size=64, max_seq_len=32, num_mtp_modules=1, qkv_bias=True
@@ -34,6 +36,7 @@ ARGS = dataclasses.replace(
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15], [20]]
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0)
 SAMPLED = SamplingParams(max_new_tokens=6, temperature=1.0, top_p=0.9, seed=3)
+BUCKET_BYTES = 60_000  # several buckets; the largest tensor (w1) is 48 KiB
 
 
 def full_state_dict() -> dict[str, torch.Tensor]:
@@ -69,16 +72,37 @@ def parallel_model(sd: dict, dp_shard: int, tp: int) -> MTPTransformer:
     return model
 
 
+def bucket_digest(model: MTPTransformer) -> dict:
+    """The vLLM weight-sync buckets: names, shapes and checksums of the gathered tensors."""
+    adapter = MTPStateDictAdapter(ARGS, mtp_layout="mimo")
+    stats = BucketStats()
+    buckets = [
+        [
+            (name, list(t.shape), float(t.double().sum()), float(t.double().abs().sum()))
+            for name, t in b
+        ]
+        for b in hf_weight_buckets(model, adapter, BUCKET_BYTES, stats=stats)
+    ]
+    return {"buckets": buckets, "largest": stats.largest_bucket_bytes, "bytes": stats.bytes}
+
+
 def run(model: MTPTransformer) -> dict:
     engine = NativeRolloutEngine(model)
     model.train()
     greedy = engine.generate(PROMPTS, GREEDY)
     sampled = engine.generate(PROMPTS, SAMPLED)
+    spec = NativeRolloutEngine(model, speculative_tokens=1)
+    spec_greedy = spec.generate(PROMPTS, GREEDY)
+    spec_sampled = spec.generate(PROMPTS, SAMPLED)
     result = {
         "greedy": [c.token_ids for c in greedy],
         "greedy_logprobs": [c.logprobs for c in greedy],
         "sampled": [c.token_ids for c in sampled],
+        "spec_greedy": [c.token_ids for c in spec_greedy],
+        "spec_sampled": [c.token_ids for c in spec_sampled],
+        "spec_stats": vars(spec.last_spec_stats),
         "training_restored": model.training,
+        "sync": bucket_digest(model),
     }
     # The model still trains after generation, and its own forward recomputes the
     # engine's log-probs (right-padded prompt + response).

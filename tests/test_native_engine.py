@@ -201,7 +201,8 @@ def test_invalid_requests_are_rejected(model):
 
 
 def test_fsdp2_and_tp2_generate_like_a_single_process(tmp_path):
-    """Two gloo processes: FSDP (dp_shard=2), then TP (tp=2), against the plain model."""
+    """Two gloo processes: FSDP (dp_shard=2), then TP (tp=2), against the plain model:
+    plain and self-speculative generation, and the vLLM weight-sync buckets."""
     out = tmp_path / "engine.json"
     cmd = [
         sys.executable,
@@ -221,10 +222,23 @@ def test_fsdp2_and_tp2_generate_like_a_single_process(tmp_path):
     results = json.loads(out.read_text())
     single = results["single"]
     assert single["max_logprob_diff"] < 1e-4
+    assert single["spec_greedy"] == single["greedy"]
     for layout in ("fsdp", "tp"):
         r = results[layout]
         assert r["greedy"] == single["greedy"], layout
         assert r["sampled"] == single["sampled"], layout
+        # Self-speculative decoding: the same drafts, decisions and tokens on every layout.
+        assert r["spec_greedy"] == single["greedy"], layout
+        assert r["spec_sampled"] == single["spec_sampled"], layout
+        assert r["spec_stats"] == single["spec_stats"], layout
+        # vLLM weight sync: the same buckets, gathered from the shards.
+        assert [[e[:2] for e in b] for b in r["sync"]["buckets"]] == [
+            [e[:2] for e in b] for b in single["sync"]["buckets"]
+        ], layout
+        for rb, sb in zip(r["sync"]["buckets"], single["sync"]["buckets"], strict=True):
+            for re_, se in zip(rb, sb, strict=True):
+                assert re_[2:] == pytest.approx(se[2:], rel=1e-6, abs=1e-6), (layout, re_[0])
+        assert r["sync"]["largest"] <= 60_000 and r["sync"]["bytes"] == single["sync"]["bytes"]
         for a, b in zip(r["greedy_logprobs"], single["greedy_logprobs"], strict=True):
             assert a == pytest.approx(b, abs=1e-4), layout
         assert r["max_logprob_diff"] < 1e-4, layout  # the parallel forward agrees

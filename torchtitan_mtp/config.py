@@ -133,6 +133,11 @@ class RL:
     overlong_penalty: float = field(default=1.0, metadata={"ge": 0})
     """DAPO overlong shaping: the penalty at rollout.max_new_tokens"""
 
+    tis_imp_ratio_cap: float = field(default=0.0, metadata={"ge": 0})
+    """Truncated importance sampling against rollout/trainer mismatch: every token's
+    advantage is scaled by min(pi_trainer / pi_rollout, cap) with pi_trainer the trainer's
+    recomputed old log-prob (verl: tis_imp_ratio_cap, e.g. 2); 0 = off"""
+
     diagnostics_every: int = field(default=0, metadata={"ge": 0})
     """Exact-gradient diagnostics <g, g_m>, ||g_m||^2 every N steps (small models); 0 = off"""
 
@@ -156,6 +161,25 @@ class Rollout:
 
     stop_strings: list[str] = field(default_factory=list)
     """Strings that end a response (EOS always does)"""
+
+    speculative_tokens: int = field(default=0, metadata={"ge": 0})
+    """MTP speculative decoding: draft this many tokens per step with MTP modules 1..N and
+    verify them with one trunk forward (lossless). Native engine: N <= mtp.num_modules;
+    vLLM: speculative_config={"method": "mtp", "num_speculative_tokens": N}. 0 = off"""
+
+    vllm_gpu_memory_utilization: float = field(default=0.4, metadata={"gt": 0, "le": 1})
+    """vLLM: fraction of the GPU's memory for weights + KV cache (must be free at start)"""
+
+    vllm_sleep_level: int = field(default=1, metadata={"ge": 0, "le": 2})
+    """vLLM: sleep between rollouts to hand memory to training; 1 = offload weights to
+    host memory and drop the KV cache, 2 = discard both (weights come back by the sync),
+    0 = never sleep"""
+
+    vllm_enforce_eager: bool = False
+    """vLLM: disable CUDA graphs (faster start, slower decoding)"""
+
+    weight_sync_bucket_mb: int = field(default=512, metadata={"gt": 0})
+    """vLLM weight sync: gather sharded parameters and push them in buckets of this size"""
 
 
 @dataclass
@@ -445,6 +469,26 @@ def validate_job_config(config: MTPJobConfig, source: str = "<config>") -> None:
         problems.append(
             "rl.steps > 0 after training.steps > 0 SFT steps needs checkpoint.enable = true: "
             "the RL stage warm-starts from the SFT stage's last checkpoint"
+        )
+    rollout = config.rollout
+    if rollout.speculative_tokens > mtp.num_modules and rollout.engine == "native":
+        problems.append(
+            f"rollout.speculative_tokens = {rollout.speculative_tokens} exceeds "
+            f"mtp.num_modules = {mtp.num_modules}: the native engine drafts token k with "
+            "MTP module k"
+        )
+    if rollout.engine == "vllm" and rollout.speculative_tokens > 1:
+        problems.append(
+            f"rollout.speculative_tokens = {rollout.speculative_tokens} with engine = "
+            '"vllm": vLLM 0.33 drafts MiMo-style MTP with its first MTP layer only '
+            "(MiMoMTP asserts spec_step_idx == 0), so set it to 0 or 1; the native "
+            "engine drafts with every module"
+        )
+    if rollout.engine == "vllm" and degree > 1:
+        problems.append(
+            'rollout.engine = "vllm" runs one tensor_parallel_size=1 engine per rank (data '
+            "parallel); set parallelism.tensor_parallel_degree = 1 (FSDP shards training) "
+            'or use engine = "native"'
         )
     data = config.data
     if data.name == "file" and not data.path:

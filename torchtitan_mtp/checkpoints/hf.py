@@ -39,6 +39,7 @@ __all__ = [
     "hf_config",
     "load_hf_checkpoint",
     "read_hf_state_dict",
+    "write_hf_metadata",
 ]
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
@@ -298,6 +299,58 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     tmp.rename(out)
 
 
+def _tokenizer_files(tokenizer_dir: str | Path | None) -> list[Path]:
+    if tokenizer_dir is None:
+        return []
+    files = [Path(tokenizer_dir, n) for n in TOKENIZER_FILES]
+    files = [f for f in files if f.is_file()]
+    if not files:
+        raise FileNotFoundError(
+            f"tokenizer_dir {tokenizer_dir}: none of {', '.join(TOKENIZER_FILES[:3])} there"
+        )
+    return files
+
+
+def _write_metadata(
+    directory: Path,
+    model_args: MTPModelArgs,
+    mtp_layout: MTPLayout,
+    dtype: torch.dtype,
+    tok_files: list[Path],
+) -> None:
+    config = hf_config(model_args, mtp_layout, dtype)
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if config["model_type"] == "mimo":
+        (directory / "configuration_mimo.py").write_text(_MIMO_CONFIG_PY)
+    for f in tok_files:
+        shutil.copy2(f, directory / f.name)
+
+
+def write_hf_metadata(
+    model_args: MTPModelArgs,
+    out_dir: str | Path,
+    *,
+    mtp_layout: MTPLayout = "mimo",
+    tokenizer_dir: str | Path | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
+    """An HF model directory without weights: ``config.json`` (plus ``configuration_mimo.py``)
+    and the tokenizer files, replacing ``out_dir`` atomically. What a vLLM engine needs to
+    start from dummy weights that a weight sync then fills."""
+    out = Path(out_dir)
+    tok_files = _tokenizer_files(tokenizer_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        _write_metadata(tmp, model_args, mtp_layout, dtype, tok_files)
+        _move_into_place(tmp, out, overwrite=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def export_hf(
     model_or_state_dict: nn.Module | dict[str, torch.Tensor],
     model_args: MTPModelArgs,
@@ -330,14 +383,7 @@ def export_hf(
         raise ValueError(f"mtp_layout must be one of {MTP_LAYOUTS}, got {mtp_layout!r}")
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    tok_files: list[Path] = []
-    if tokenizer_dir is not None:
-        tok_files = [Path(tokenizer_dir, n) for n in TOKENIZER_FILES]
-        tok_files = [f for f in tok_files if f.is_file()]
-        if not tok_files:
-            raise FileNotFoundError(
-                f"tokenizer_dir {tokenizer_dir}: none of {', '.join(TOKENIZER_FILES[:3])} there"
-            )
+    tok_files = _tokenizer_files(tokenizer_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True")
     _warn_unservable(model_args, mtp_layout)
@@ -376,12 +422,7 @@ def export_hf(
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        config = hf_config(model_args, mtp_layout, out_dtype)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if config["model_type"] == "mimo":
-            (tmp / "configuration_mimo.py").write_text(_MIMO_CONFIG_PY)
-        for f in tok_files:
-            shutil.copy2(f, tmp / f.name)
+        _write_metadata(tmp, model_args, mtp_layout, out_dtype, tok_files)
         _move_into_place(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -42,7 +42,7 @@ from ..data.tokenizer import tokenizer_dir
 from ..evaluation import EvalSums, evaluate_set, format_table
 from ..models.logprobs import IGNORE_INDEX, target_mask, token_logprobs
 from ..rewards import get_reward_function, score_batch
-from ..rollout.base import Completion, SamplingParams
+from ..rollout.base import Completion, RolloutEngine, SamplingParams, SpecDecodeStats
 from ..rollout.native import NativeRolloutEngine
 from .losses import (
     dynamic_sampling_keep,
@@ -109,7 +109,7 @@ class RLTrainer(Trainer):
         tp_group = (
             self.parallel_dims.get_mesh("tp").get_group() if self.parallel_dims.tp_enabled else None
         )
-        self.engine = NativeRolloutEngine(self.model, tokenizer=self.tokenizer, tp_group=tp_group)
+        self.engine = self._build_engine(tp_group)
         reward = job_config.reward
         options = (
             {"workers": reward.workers, "timeout_s": reward.timeout_s}
@@ -137,6 +137,32 @@ class RLTrainer(Trainer):
         self.ref_model = self._build_reference_model() if rl.kl_coef > 0 else None
 
     # ---------------------------------------------------------------- setup helpers
+
+    def _build_engine(self, tp_group: dist.ProcessGroup | None) -> RolloutEngine:
+        """The native engine on the training model, or vLLM (imported only here)."""
+        r = self.job_config.rollout
+        if r.engine == "native":
+            return NativeRolloutEngine(
+                self.model,
+                tokenizer=self.tokenizer,
+                tp_group=tp_group,
+                speculative_tokens=r.speculative_tokens,
+            )
+        from ..rollout.vllm_engine import VLLMRolloutEngine
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        return VLLMRolloutEngine(
+            self.model,
+            model_dir=os.path.join(self.job_config.job.dump_folder, "vllm_model", f"rank{rank}"),
+            tokenizer_dir=tokenizer_dir(self.job_config),
+            speculative_tokens=r.speculative_tokens,
+            max_model_len=self.model.model_args.max_seq_len,
+            seed=self.job_config.debug.seed or 0,
+            gpu_memory_utilization=r.vllm_gpu_memory_utilization,
+            sleep_level=r.vllm_sleep_level,
+            enforce_eager=r.vllm_enforce_eager,
+            bucket_bytes=r.weight_sync_bucket_mb << 20,
+        )
 
     def _dp(self) -> tuple[int, int]:
         if not self.parallel_dims.dp_enabled:
@@ -290,8 +316,11 @@ class RLTrainer(Trainer):
         # 1. Rollout: n samples of each of this rank's prompts from the current policy.
         problems: list[Problem] = next(data_iterator)
         prompts = [ids for ids in self._prompt_ids(problems) for _ in range(n)]
+        self.engine.sync_weights(step)  # vLLM: trunk + MTP draft; native: reads them live
+        t_sync = time.perf_counter() - t0
         completions = self.engine.generate(prompts, self._sampling_params(self._step_seed(step)))
         t_rollout = time.perf_counter() - t0
+        spec_metrics = self._spec_metrics(self.engine.last_spec_stats)
 
         # 2. Reward, 3. GRPO advantages (groups of n consecutive samples).
         answers = [p.answer for p in problems for _ in range(n)]
@@ -316,6 +345,8 @@ class RLTrainer(Trainer):
         batch.old_logp = self._recompute_logp(self.model, batch)
         if self.ref_model is not None:
             batch.ref_logp = self._recompute_logp(self.ref_model, batch)
+        if rl.tis_imp_ratio_cap:  # truncated importance sampling (rollout != trainer)
+            spec_metrics.update(self._truncated_importance_sampling(batch))
 
         # 5. ppo_epochs x mini_batches optimizer updates, micro-batch accumulation.
         t1 = time.perf_counter()
@@ -351,7 +382,41 @@ class RLTrainer(Trainer):
 
         # 6. Metrics (global over data-parallel ranks).
         times = (t_rollout, t_update, time.perf_counter() - t0)
-        self._log_step(log, updates, grad_norms, correct, rewards, lengths, batch, times)
+        spec_metrics["perf/weight_sync_seconds"] = t_sync
+        self._log_step(
+            log, updates, grad_norms, correct, rewards, lengths, batch, times, spec_metrics
+        )
+
+    def _spec_metrics(self, stats: SpecDecodeStats | None) -> dict[str, float]:
+        """``mtp/accept_*`` of this step's rollouts over all data-parallel ranks."""
+        if not self.job_config.rollout.speculative_tokens:
+            return {}
+        stats = stats or SpecDecodeStats()
+        width = self.job_config.rollout.speculative_tokens
+        per_pos = (stats.accepted_per_pos + [0] * width)[:width]
+        counts = torch.tensor([stats.num_drafts, stats.num_draft_tokens, *per_pos])
+        total = self._global_sum(counts.to(self.device)).cpu().tolist()
+        return SpecDecodeStats(total[0], total[1], total[2:]).metrics()
+
+    def _truncated_importance_sampling(self, batch: RolloutBatch) -> dict[str, float]:
+        """Scale every response token's advantage by min(pi_trainer / pi_rollout, cap).
+
+        The policy loss is linear in the advantage per token, so this equals weighting
+        each token's surrogate (verl's TIS), for the main and the MTP heads alike.
+        """
+        cap = self.job_config.rl.tis_imp_ratio_cap
+        mask = batch.labels != IGNORE_INDEX
+        ratio = torch.exp(batch.old_logp - batch.rollout_logp)
+        weight = torch.where(mask, ratio.clamp(max=cap), 1.0)
+        batch.advantages = batch.advantages * weight
+        sums = torch.tensor(
+            [float(weight[mask].sum()), float((ratio[mask] > cap).sum()), float(mask.sum())]
+        )
+        w_sum, truncated, tokens = self._global_sum(sums.to(self.device)).cpu().tolist()
+        return {
+            "rollout/tis_weight_mean": w_sum / max(tokens, 1),
+            "rollout/tis_truncated_fraction": truncated / max(tokens, 1),
+        }
 
     def exact_gradient_diagnostics(
         self, micro: list[RolloutBatch], counts: dict[str, torch.Tensor]
@@ -400,8 +465,11 @@ class RLTrainer(Trainer):
         lengths: torch.Tensor,
         batch: RolloutBatch,
         times: tuple[float, float, float],
+        extra: dict[str, float],
     ) -> None:
-        """Reduce the step's sums over data-parallel ranks, log them, print one line."""
+        """Reduce the step's sums over data-parallel ranks, log them, print one line.
+
+        ``extra``: metrics already global (acceptance, TIS, sync time)."""
         t_rollout, t_update, t_step = times
         mask = batch.labels != IGNORE_INDEX
         mismatch = (batch.rollout_logp - batch.old_logp).abs()[mask]
@@ -455,6 +523,7 @@ class RLTrainer(Trainer):
         if hasattr(self.reward_fn, "stats"):  # outcome counts of the reward workers
             stats = self.reward_fn.stats(reset=True)
             metrics.update({f"reward/{reason}": float(n) for reason, n in stats.items()})
+        metrics.update(extra)
         self.metrics_processor.logger.log(metrics, self.step)
         lambdas = " ".join(
             f"{metrics[f'occ/coefficient/head{k}']:+.3f}" for k in range(1, self.num_mtp + 1)
@@ -463,7 +532,12 @@ class RLTrainer(Trainer):
             f"rl step {self.step:3d} | reward {metrics['rl/reward_mean']:.3f} "
             f"acc {metrics['rl/accuracy']:.3f} | lambda [{lambdas}] | "
             f"clip {metrics['rl/clip_fraction']:.3f} | "
-            f"{metrics['perf/tokens_per_second']:.0f} tok/s"
+            + (
+                f"accept {metrics['mtp/accept_rate']:.2f} len {metrics['mtp/accept_length']:.2f} | "
+                if "mtp/accept_rate" in metrics
+                else ""
+            )
+            + f"{metrics['perf/tokens_per_second']:.0f} tok/s"
             f" | rollout {t_rollout:.1f}s update {t_update:.1f}s"
         )
 

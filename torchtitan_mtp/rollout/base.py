@@ -88,6 +88,11 @@ class RolloutEngine(Protocol):
 
     last_spec_stats: SpecDecodeStats | None
 
+    def sync_weights(self, version: int | None = None) -> object:
+        """Make the next ``generate`` use the policy's current weights (trunk and MTP
+        draft); called once per RL step, on every rank together."""
+        ...
+
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         """One completion per prompt, in order; callers repeat prompts for n samples."""
         ...

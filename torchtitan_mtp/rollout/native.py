@@ -529,6 +529,9 @@ class NativeRolloutEngine:
         self.progress_every_s = progress_every_s
         self.last_spec_stats: SpecDecodeStats | None = None
 
+    def sync_weights(self, version: int | None = None) -> None:
+        """Nothing to push: the engine decodes with the training model's live weights."""
+
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         self.last_spec_stats = None
         if not prompts:

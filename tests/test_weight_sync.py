@@ -1,0 +1,151 @@
+"""Weight sync for vLLM, without vLLM: MiMo names of the trunk and the MTP draft, values,
+bucketing, and the engine's lazy import and conversions."""
+
+import dataclasses
+import re
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from torchtitan_mtp.checkpoints.adapter import MTPStateDictAdapter
+from torchtitan_mtp.config import ConfigError, MTPConfigManager
+from torchtitan_mtp.models import MTPTransformer, mtp_flavors
+from torchtitan_mtp.rollout import SamplingParams
+from torchtitan_mtp.rollout.weight_sync import BucketStats, hf_weight_buckets, is_draft_weight
+
+# The names vLLM 0.33's MiMoForCausalLM (trunk) and MiMoMTP (draft) loaders read
+# (model_executor/models/mimo.py, mimo_mtp.py; q/k/v and gate/up are stacked by them).
+PROJ = r"self_attn\.(q|k|v)_proj\.(weight|bias)|self_attn\.o_proj\.weight|self_attn\.(q|k)_norm\.weight|mlp\.(gate|up|down)_proj\.weight"
+NORMS = r"input_layernorm|post_attention_layernorm"
+TRUNK = re.compile(
+    rf"model\.embed_tokens\.weight|model\.norm\.weight|lm_head\.weight"
+    rf"|model\.layers\.\d+\.({PROJ}|({NORMS})\.weight)"
+)
+DRAFT = re.compile(
+    rf"model\.mtp_layers\.\d+\.({PROJ}|(token_layernorm|hidden_layernorm|final_layernorm"
+    rf"|input_proj|{NORMS})\.weight)"
+)
+
+
+def model(num_mtp: int = 2, **overrides) -> MTPTransformer:
+    args = dataclasses.replace(
+        mtp_flavors["debug"], vocab_size=64, num_mtp_modules=num_mtp, **overrides
+    )
+    torch.manual_seed(0)
+    m = MTPTransformer(args)
+    m.init_weights()
+    return m
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_buckets_carry_every_trunk_and_mtp_weight_under_vllm_mimo_names(tied):
+    m = model(enable_weight_tying=tied)
+    adapter = MTPStateDictAdapter(m.model_args, mtp_layout="mimo")
+    expected = adapter.to_hf(m.state_dict())
+    synced = [pair for bucket in hf_weight_buckets(m, adapter, 1 << 30) for pair in bucket]
+    names = [name for name, _ in synced]
+    assert len(names) == len(set(names)) and set(names) == set(expected)
+    for name, tensor in synced:
+        assert torch.equal(tensor, expected[name]), name
+        assert (DRAFT if is_draft_weight(name) else TRUNK).fullmatch(name), name
+    draft = {n for n in names if is_draft_weight(n)}
+    assert {int(n.split(".")[2]) for n in draft} == {0, 1}
+    # Qwen2 attention in vLLM has q/k/v biases: zeros are sent for a bias-free trunk.
+    assert "model.layers.0.self_attn.q_proj.bias" in names
+    assert "model.mtp_layers.1.self_attn.k_proj.bias" in names
+    assert "lm_head.weight" in names  # MiMoMTP needs it even when tied
+    # MiMo concatenates [hidden, emb]; our eh_proj reads [emb, hidden].
+    ours = m.mtp["0"].eh_proj.weight
+    dim = ours.shape[0]
+    got = dict(synced)["model.mtp_layers.0.input_proj.weight"]
+    assert torch.equal(got[:, :dim], ours[:, dim:]) and torch.equal(got[:, dim:], ours[:, :dim])
+
+
+def test_buckets_respect_the_size_limit_keep_order_and_cast():
+    m = model()
+    adapter = MTPStateDictAdapter(m.model_args, mtp_layout="mimo")
+    one = [p for b in hf_weight_buckets(m, adapter, 1 << 30) for p in b]
+    limit = 100_000  # bytes in bfloat16; the largest tensor is 192 x 64 x 2 = 24 KiB
+    stats = BucketStats()
+    buckets = list(hf_weight_buckets(m, adapter, limit, dtype=torch.bfloat16, stats=stats))
+    assert len(buckets) == stats.buckets > 3
+    sizes = [sum(t.numel() * t.element_size() for _, t in b) for b in buckets]
+    assert max(sizes) == stats.largest_bucket_bytes <= limit
+    # Greedy packing: each bucket was closed because the next tensor would not fit.
+    assert all(a + b[0][1].numel() * 2 > limit for a, b in zip(sizes, buckets[1:], strict=False))
+    flat = [p for b in buckets for p in b]
+    assert [n for n, _ in flat] == [n for n, _ in one]
+    assert all(t.dtype == torch.bfloat16 for _, t in flat)
+    assert stats.bytes == sum(sizes) and stats.tensors == len(flat)
+    with pytest.raises(ValueError, match="bucket_bytes"):
+        next(hf_weight_buckets(m, adapter, 0))
+
+
+def test_vllm_engine_says_what_to_install_when_vllm_is_missing():
+    """A subprocess, so that a vLLM installed on some machine cannot hide the message."""
+    code = (
+        "import sys; sys.modules['vllm'] = None\n"
+        "from torchtitan_mtp.rollout.vllm_engine import import_vllm\n"
+        "try:\n    import_vllm()\nexcept ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert 'pip install -e ".[vllm]"' in out.stdout and "vllm==0.33.0" in out.stdout, out
+
+
+def test_vllm_sampling_kwargs_and_completion_conversion():
+    from torchtitan_mtp.rollout.vllm_engine import to_completion, vllm_sampling_kwargs
+
+    kwargs = vllm_sampling_kwargs(
+        SamplingParams(max_new_tokens=7, temperature=0.0, stop_token_ids=(2,)), seed=5
+    )
+    assert kwargs["max_tokens"] == 7 and kwargs["temperature"] == 0.0
+    assert kwargs["stop_token_ids"] == [2] and kwargs["logprobs"] == 0 and kwargs["seed"] == 5
+    with pytest.raises(ValueError, match="temperature <= 2"):
+        vllm_sampling_kwargs(SamplingParams(temperature=2.5), seed=0)
+    # vLLM's CompletionOutput fields, as plain data.
+    lp = SimpleNamespace
+    out = SimpleNamespace(
+        token_ids=[4, 2],
+        logprobs=[{4: lp(logprob=-0.5)}, {2: lp(logprob=-1.25)}],
+        finish_reason="stop",
+    )
+    c = to_completion([1, 3], out)
+    assert (c.token_ids, c.logprobs, c.finish_reason) == ([4, 2], [-0.5, -1.25], "stop")
+    with pytest.raises(RuntimeError, match="abort"):
+        to_completion([1], SimpleNamespace(token_ids=[], logprobs=[], finish_reason="abort"))
+
+
+def test_spec_stats_are_differences_of_vllm_counters():
+    from torchtitan_mtp.rollout.vllm_engine import spec_stats_between
+
+    def snapshot(drafts, tokens, per_pos):
+        return [
+            SimpleNamespace(name="vllm:spec_decode_num_drafts", value=drafts),
+            SimpleNamespace(name="vllm:spec_decode_num_draft_tokens", value=tokens),
+            SimpleNamespace(name="vllm:spec_decode_num_accepted_tokens_per_pos", values=per_pos),
+        ]
+
+    stats = spec_stats_between(snapshot(10, 10, [7]), snapshot(30, 30, [19]))
+    assert (stats.num_drafts, stats.num_draft_tokens, stats.accepted_per_pos) == (20, 20, [12])
+    assert stats.metrics()["mtp/accept_rate"] == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--rollout.speculative_tokens", "3"], "exceeds mtp.num_modules = 2"),
+        (["--rollout.engine", "vllm", "--rollout.speculative_tokens", "2"], "0 or 1"),
+        (
+            ["--rollout.engine", "vllm", "--parallelism.tensor_parallel_degree", "2"],
+            "tensor_parallel_degree = 1",
+        ),
+    ],
+)
+def test_speculative_and_vllm_settings_are_validated(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        MTPConfigManager().parse_args(
+            ["--job.config_file", "train_configs/debug_occ.toml", *overrides]
+        )
