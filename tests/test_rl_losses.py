@@ -12,6 +12,7 @@ from torchtitan_mtp.rl.losses import (
     kl_k3,
     overlong_reward_penalty,
     policy_loss,
+    truncated_is_weights,
     valid_counts,
 )
 
@@ -179,3 +180,27 @@ def test_gspo_value_and_gradient_match_the_gspo_token_form():
     assert loss.item() == pytest.approx(-(valid_adv * s[:, None]).sum().item() / 5, rel=1e-5)
     loss.backward()
     torch.testing.assert_close(logp.grad, -valid_adv * s[:, None] / 5)
+
+
+def test_truncated_is_weights_cap_the_trainer_over_rollout_ratio_on_valid_tokens():
+    old = torch.log(torch.tensor([[0.5, 0.9, 0.2], [0.3, 0.3, NAN]]))
+    rollout = torch.log(torch.tensor([[0.5, 0.3, 0.4], [0.6, 0.01, 0.2]]))
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    w = truncated_is_weights(old, rollout, mask, cap=2.0)
+    expected = torch.tensor([[1.0, 2.0, 0.5], [0.5, 2.0, 1.0]])  # 3 and 30 are capped
+    torch.testing.assert_close(w, expected)
+
+
+def test_scaling_advantages_by_tis_weights_weights_each_tokens_loss_and_gradient():
+    """With dual clip on, per token: loss(w A) = w loss(A) for w > 0."""
+    logp, old, adv, mask = surrogate_batch()
+    w = torch.tensor([[0.5, 2.0, 1.5], [0.25, 1.0, 3.0]])
+    kwargs = dict(global_tokens=1, global_seqs=1, agg="token-mean", dual_clip=3.0)
+    for i in range(2):
+        for j in range(3):
+            one = torch.zeros_like(mask)
+            one[i, j] = mask[i, j]
+            x = logp.detach().clone().requires_grad_(True)
+            loss = policy_loss(x, old, adv * w, one, **kwargs)[0]
+            ref = policy_loss(x, old, adv, one, **kwargs)[0] * w[i, j]
+            assert loss.item() == pytest.approx(ref.item(), rel=1e-6, abs=1e-7)

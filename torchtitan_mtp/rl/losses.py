@@ -29,6 +29,7 @@ __all__ = [
     "kl_k3",
     "overlong_reward_penalty",
     "policy_loss",
+    "truncated_is_weights",
     "valid_counts",
 ]
 
@@ -237,3 +238,18 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """
     log_ratio = (ref_logp.float() - logp.float()).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
     return (torch.exp(log_ratio) - log_ratio - 1).clamp(-10, 10)
+
+
+def truncated_is_weights(
+    old_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """Truncated importance-sampling weights [B, S]: min(pi_trainer / pi_rollout, cap) on
+    valid tokens, 1 elsewhere (verl's TIS).
+
+    Corrects for the rollout engine sampling from a slightly different distribution than
+    the trainer's (kernels, precision, a lagging weight version). The clipped surrogate is
+    linear in each token's advantage, so scaling the advantages by these weights weights
+    every token's loss, for the main and the MTP heads alike.
+    """
+    ratio = torch.exp(old_logp.float() - rollout_logp.float())
+    return torch.where(mask.bool(), ratio.clamp(max=cap), 1.0)

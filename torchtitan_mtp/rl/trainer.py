@@ -48,6 +48,7 @@ from .losses import (
     dynamic_sampling_keep,
     grpo_advantages,
     overlong_reward_penalty,
+    truncated_is_weights,
 )
 from .objective import RLObjective, RolloutBatch
 from .occ import OCCCalibrator
@@ -406,11 +407,10 @@ class RLTrainer(Trainer):
         """
         cap = self.job_config.rl.tis_imp_ratio_cap
         mask = batch.labels != IGNORE_INDEX
-        ratio = torch.exp(batch.old_logp - batch.rollout_logp)
-        weight = torch.where(mask, ratio.clamp(max=cap), 1.0)
+        weight = truncated_is_weights(batch.old_logp, batch.rollout_logp, mask, cap)
         batch.advantages = batch.advantages * weight
         sums = torch.tensor(
-            [float(weight[mask].sum()), float((ratio[mask] > cap).sum()), float(mask.sum())]
+            [float(weight[mask].sum()), float((weight[mask] >= cap).sum()), float(mask.sum())]
         )
         w_sum, truncated, tokens = self._global_sum(sums.to(self.device)).cpu().tolist()
         return {
