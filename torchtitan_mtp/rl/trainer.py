@@ -111,6 +111,7 @@ class RLTrainer(Trainer):
             self.parallel_dims.get_mesh("tp").get_group() if self.parallel_dims.tp_enabled else None
         )
         self.engine = self._build_engine(tp_group)
+        self._synced_version: int | None = None  # RL steps applied to the engine's weights
         reward = job_config.reward
         options = (
             {"workers": reward.workers, "timeout_s": reward.timeout_s}
@@ -317,7 +318,7 @@ class RLTrainer(Trainer):
         # 1. Rollout: n samples of each of this rank's prompts from the current policy.
         problems: list[Problem] = next(data_iterator)
         prompts = [ids for ids in self._prompt_ids(problems) for _ in range(n)]
-        self.engine.sync_weights(step)  # vLLM: trunk + MTP draft; native: reads them live
+        self._sync_rollout_weights(step - 1)  # the policy after step - 1 updates
         t_sync = time.perf_counter() - t0
         completions = self.engine.generate(prompts, self._sampling_params(self._step_seed(step)))
         t_rollout = time.perf_counter() - t0
@@ -387,6 +388,13 @@ class RLTrainer(Trainer):
         self._log_step(
             log, updates, grad_norms, correct, rewards, lengths, batch, times, spec_metrics
         )
+
+    def _sync_rollout_weights(self, version: int) -> None:
+        """Push the policy (trunk and MTP draft) into the rollout engine once per version;
+        a no-op for the native engine, which decodes with the live weights."""
+        if self._synced_version != version:
+            self.engine.sync_weights(version)
+            self._synced_version = version
 
     def _spec_metrics(self, stats: SpecDecodeStats | None) -> dict[str, float]:
         """``mtp/accept_*`` of this step's rollouts over all data-parallel ranks."""
@@ -562,6 +570,7 @@ class RLTrainer(Trainer):
         """
         k = self.job_config.eval.samples
         results, rows = {}, {}
+        self._sync_rollout_weights(self.step)
         for name, records in self._eval_sets().items():
             mine = records[self.dp_rank :: self.dp_degree]
             sums = evaluate_set(
