@@ -1,9 +1,10 @@
 """Rollout throughput, measured in one run on the same model and prompts.
 
 Rows: the native engine plain, the native engine self-speculative (MTP drafts, with
-acceptance), HF transformers ``generate`` (the reference a user would otherwise pick;
-optional dependency), and vLLM (GPU only). Greedy decoding, so every engine emits the same
-number of tokens (the native rows emit the same tokens).
+acceptance), and HF transformers ``generate`` (the reference a user would otherwise pick;
+optional dependency). A vLLM row is not here yet: it needs a GPU run to be written and
+checked. Greedy decoding, so every engine emits the same number of tokens (the native
+rows emit the same tokens).
 
     # the default job's trained debug model (MTP heads trained by SFT + RL)
     python benchmarks/rollout.py --suite debug \\
