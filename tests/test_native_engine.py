@@ -46,12 +46,8 @@ def build(args, seed: int = 0) -> MTPTransformer:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one intra-op thread is fastest and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny matmuls: one intra-op thread (see conftest)."""
 
 
 @pytest.fixture(scope="module")

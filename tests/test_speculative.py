@@ -19,11 +19,8 @@ PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15], [20], [3, 3, 3]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread):
+    """Tiny matmuls: one intra-op thread (see conftest)."""
 
 
 def build(vocab: int = 64, num_mtp: int = 3, seed: int = 0, scale: float = 0.3) -> MTPTransformer:
