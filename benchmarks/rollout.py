@@ -17,7 +17,6 @@ rows emit the same tokens).
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import statistics
 import sys
@@ -26,23 +25,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
 
 import torchtitan_mtp  # noqa: F401  (first: adapts TorchTitan to CPU before its import)
 from torchtitan_mtp.checkpoints.export import build_model, load_dcp_model_state
-from torchtitan_mtp.checkpoints.gguf_loader import (
-    find_smollm2_gguf,
-    load_gguf,
-    write_gguf_tokenizer,
-)
+from torchtitan_mtp.checkpoints.gguf_loader import find_smollm2_gguf
 from torchtitan_mtp.config import parse_job_config
-from torchtitan_mtp.data.datasets import gsm8k_test
 from torchtitan_mtp.data.tasks import rl_prompt_splits
 from torchtitan_mtp.data.tokenizer import build_tokenizer
-from torchtitan_mtp.models import MTPTransformer, mtp_flavors
 from torchtitan_mtp.rollout import NativeRolloutEngine, SamplingParams, SpecDecodeStats
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from smollm2_draft import job_prompts, load_draft, smollm2_model  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -58,9 +52,9 @@ class Row:
         return self.tokens / self.seconds
 
 
-def timed(fn: Callable[[], int], repeats: int) -> tuple[int, float]:
-    """(tokens, median seconds) over ``repeats`` runs after one warm-up run."""
-    fn()
+def timed(fn: Callable[[], int], repeats: int, warmup: Callable[[], object]) -> tuple[int, float]:
+    """(tokens, median seconds) over ``repeats`` runs after one ``warmup`` call."""
+    warmup()
     times, tokens = [], 0
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -82,8 +76,11 @@ def native_rows(model, prompts, params, batch, ks, repeats) -> list[Row]:
                 outputs.extend(engine.generate(prompts[i : i + batch], params))
             return sum(len(c.token_ids) for c in outputs)
 
+        def warmup(engine=engine) -> None:
+            engine.generate(prompts[:batch], params)
+
         stats = SpecDecodeStats()
-        tokens, seconds = timed(run, repeats)
+        tokens, seconds = timed(run, repeats, warmup)
         if k:  # acceptance of the last run, over all its batches
             engine_stats = SpecDecodeStats()
             for i in range(0, len(prompts), batch):
@@ -100,7 +97,8 @@ def native_rows(model, prompts, params, batch, ks, repeats) -> list[Row]:
     return rows
 
 
-def hf_row(gguf: Path, prompts, max_new, batch, repeats) -> Row | None:
+def hf_row(gguf: Path, prompts, params: SamplingParams, batch, repeats) -> Row | None:
+    """HF transformers ``generate`` on the same GGUF weights, greedy, same stop token."""
     try:
         import transformers
     except ImportError:
@@ -109,11 +107,12 @@ def hf_row(gguf: Path, prompts, max_new, batch, repeats) -> Row | None:
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32
     ).eval()
+    eos = params.stop_token_ids[0] if params.stop_token_ids else None
 
-    def run() -> int:
+    def run(group_prompts=prompts) -> int:
         tokens = 0
-        for i in range(0, len(prompts), batch):
-            group = prompts[i : i + batch]
+        for i in range(0, len(group_prompts), batch):
+            group = group_prompts[i : i + batch]
             width = max(len(p) for p in group)
             ids = torch.zeros(len(group), width, dtype=torch.long)
             mask = torch.zeros(len(group), width, dtype=torch.long)
@@ -123,24 +122,14 @@ def hf_row(gguf: Path, prompts, max_new, batch, repeats) -> Row | None:
             with torch.no_grad():
                 out = model.generate(
                     input_ids=ids, attention_mask=mask, do_sample=False,
-                    max_new_tokens=max_new, min_new_tokens=max_new, pad_token_id=0,
+                    max_new_tokens=params.max_new_tokens, eos_token_id=eos, pad_token_id=0,
                 )  # fmt: skip
-            tokens += (out.shape[1] - width) * len(group)
+            for row in out[:, width:].tolist():  # emitted tokens: up to and with the stop
+                tokens += row.index(eos) + 1 if eos in row else len(row)
         return tokens
 
-    tokens, seconds = timed(run, repeats)
+    tokens, seconds = timed(run, repeats, lambda: run(prompts[:batch]))
     return Row("HF transformers generate", batch, tokens, seconds)
-
-
-def smollm2_model(num_mtp: int) -> tuple[MTPTransformer, Path]:
-    args = copy.deepcopy(mtp_flavors["smollm2_135m"])
-    args.num_mtp_modules, args.max_seq_len, args.mtp_init = num_mtp, 512, "last_block"
-    model = MTPTransformer(args)
-    model.init_weights()
-    path = find_smollm2_gguf()
-    load_gguf(model, path)
-    model.copy_last_block_into_mtp()
-    return model, path
 
 
 def print_table(title: str, rows: list[Row]) -> None:
@@ -176,6 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--hf", action="store_true", help="smollm2: add HF transformers generate")
+    p.add_argument("--draft", help="smollm2: MTP draft from benchmarks/smollm2_draft.py")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -206,23 +196,29 @@ def main(argv: list[str] | None = None) -> None:
         print_table(title, rows)
         return
 
-    model, gguf = smollm2_model(num_mtp=max(int(k) for k in (args.k or "1").split(",")))
-    tok_dir = write_gguf_tokenizer(gguf, Path("/tmp") / "smollm2_tokenizer")
-    tokenizer = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
-    n = args.prompts or 8
-    prompts = [tokenizer.encode(r.prompt).ids for r in gsm8k_test()[:n]]
-    max_new = args.max_new_tokens or 64
-    params = SamplingParams(max_new_tokens=max_new, temperature=0.0)  # no stop: fixed length
+    model = smollm2_model(num_mtp=max(int(k) for k in (args.k or "1").split(",")))
+    if args.draft:
+        load_draft(model, args.draft)
+    else:
+        print("no --draft: the MTP module is an untrained copy of the last block (acceptance "
+              "~0); make one with benchmarks/smollm2_draft.py", file=sys.stderr)  # fmt: skip
+    prompts, eos = job_prompts("heldout")
+    prompts = prompts[: args.prompts or 8]
+    max_new = args.max_new_tokens or 256
+    params = SamplingParams(max_new_tokens=max_new, temperature=0.0, stop_token_ids=(eos,))
     batches = [int(b) for b in (args.batch or "1,8").split(",")]
     ks = [int(k) for k in (args.k or "1").split(",")]
     rows = []
     for b in batches:
         rows += native_rows(model, prompts, params, b, ks, args.repeats)
-        if args.hf and (row := hf_row(gguf, prompts, max_new, b, args.repeats)):
+        if args.hf and (row := hf_row(find_smollm2_gguf(), prompts, params, b, args.repeats)):
             rows.append(row)
-    title = (f"SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to float32; MTP module = copy of "
-             f"the last block, untrained), {len(prompts)} GSM8K prompts, greedy, exactly "
-             f"{max_new} new tokens, {args.threads} threads")  # fmt: skip
+    draft = f"MTP draft {args.draft}" if args.draft else "MTP module untrained"
+    title = (
+        f"SmolLM2-135M-Instruct (GGUF dequantised to float32; {draft}), {len(prompts)} "
+        "held-out GSM8K prompts of the smollm2 job (chat template), greedy, stop at "
+        f"<|im_end|>, max {max_new} new tokens, {args.threads} threads"
+    )
     print_table(title, rows)
 
 
