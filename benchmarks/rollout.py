@@ -2,9 +2,10 @@
 
 Rows: the native engine plain, the native engine self-speculative (MTP drafts, with
 acceptance), and HF transformers ``generate`` (the reference a user would otherwise pick;
-optional dependency). A vLLM row is not here yet: it needs a GPU run to be written and
-checked. Greedy decoding: the native rows must emit exactly the same tokens (checked),
-and every row counts tokens up to and with the stop token.
+optional dependency), and on a GPU ``--vllm K``: ``VLLMRolloutEngine`` after one weight
+sync (written against vLLM 0.33, not run yet: no GPU so far). Greedy decoding: the native
+rows must emit exactly the same tokens (checked), and every row counts tokens up to and
+with the stop token.
 
     # the default job's trained debug model (MTP heads trained by SFT + RL)
     python benchmarks/rollout.py --suite debug \\
@@ -15,14 +16,19 @@ and every row counts tokens up to and with the stop token.
     python benchmarks/smollm2_draft.py --prompts 512 --epochs 8
     python benchmarks/rollout.py --suite smollm2 --hf --batch 1,8 --repeats 1 \\
         --draft outputs/smollm2_draft/mtp_draft.safetensors
+    # on a GPU with vllm==0.33.0: native on cuda against vLLM plain, then vLLM + MTP draft
+    python benchmarks/rollout.py --suite smollm2 --device cuda --vllm 0 --draft ...
+    python benchmarks/rollout.py --suite smollm2 --device cuda --vllm 1 --draft ...
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,11 +40,13 @@ from torchtitan_mtp.checkpoints.export import build_model, load_dcp_model_state
 from torchtitan_mtp.checkpoints.gguf_loader import find_smollm2_gguf
 from torchtitan_mtp.config import parse_job_config
 from torchtitan_mtp.data.tasks import rl_prompt_splits
-from torchtitan_mtp.data.tokenizer import build_tokenizer
+from torchtitan_mtp.data.tokenizer import build_tokenizer, tokenizer_dir
 from torchtitan_mtp.rollout import NativeRolloutEngine, SamplingParams, SpecDecodeStats
+from torchtitan_mtp.rollout.vllm_engine import import_vllm
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from smollm2_draft import CONFIG as SMOLLM2_CONFIG  # noqa: E402
 from smollm2_draft import job_prompts, load_draft, smollm2_model  # noqa: E402
 
 
@@ -156,6 +164,39 @@ def print_table(title: str, rows: list[Row]) -> None:
         )
 
 
+def vllm_rows(model, prompts, params, batch, k: int, repeats, tokenizer_dir) -> list[Row]:
+    """``VLLMRolloutEngine`` (bf16, colocated, one process) after one weight sync: plain,
+    or with the MTP draft when ``k`` > 0. vLLM samples in bf16, so its tokens may differ
+    from the float32 native rows; the tokens it emits are counted."""
+    from torchtitan_mtp.rollout.vllm_engine import VLLMRolloutEngine
+
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533")):  # fmt: skip
+        os.environ.setdefault(key, value)
+    engine = VLLMRolloutEngine(
+        model,
+        model_dir=tempfile.mkdtemp(prefix="vllm_bench_"),
+        tokenizer_dir=tokenizer_dir,
+        speculative_tokens=k,
+        max_model_len=max(len(p) for p in prompts) + params.max_new_tokens,
+        sleep_level=0,
+    )
+    engine.sync_weights(0)
+    stats = SpecDecodeStats()
+
+    def run() -> int:
+        nonlocal stats
+        stats, tokens = SpecDecodeStats(), 0
+        for i in range(0, len(prompts), batch):
+            tokens += sum(len(c.token_ids) for c in engine.generate(prompts[i : i + batch], params))
+            stats = stats.merge(engine.last_spec_stats) if k else stats
+        return tokens
+
+    tokens, seconds = timed(run, repeats, lambda: engine.generate(prompts[:batch], params))
+    return [Row("vLLM" if k == 0 else f"vLLM spec K={k}", batch, tokens, seconds,
+                stats if k else None)]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--suite", choices=["debug", "smollm2"], default="debug")
@@ -167,9 +208,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--device", default="cpu", help="the native engine's device (cpu, cuda)")
     p.add_argument("--hf", action="store_true", help="smollm2: add HF transformers generate")
     p.add_argument("--draft", help="smollm2: MTP draft from benchmarks/smollm2_draft.py")
+    p.add_argument(
+        "--vllm",
+        type=int,
+        default=None,
+        metavar="K",
+        help="add vLLM rows (GPU): plain and, for K = 1, with the MTP draft; one engine "
+        "per K, so run K = 0 and K = 1 as separate invocations",
+    )
     args = p.parse_args(argv)
+    if args.vllm is not None:
+        try:
+            import_vllm()
+        except (ImportError, RuntimeError) as e:
+            print(f"--vllm: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
@@ -186,43 +242,45 @@ def main(argv: list[str] | None = None) -> None:
         n = args.prompts or 256
         prompts = [tokenizer.encode(h.prompt, add_bos=True, add_eos=False) for h in heldout[:n]]
         max_new = args.max_new_tokens or config.rollout.max_new_tokens
-        params = SamplingParams(max_new_tokens=max_new, temperature=0.0,
-                                stop_token_ids=(tokenizer.eos_id,))  # fmt: skip
+        eos, tok_dir = tokenizer.eos_id, tokenizer_dir(config)
         batches = [int(b) for b in (args.batch or "1,256").split(",")]
         ks = [int(k) for k in (args.k or "1,2").split(",")]
         title = (f"debug model ({config.model.flavor}, {args.checkpoint or 'random'}), "
                  f"{len(prompts)} held-out arithmetic prompts, greedy, stop at EOS, "
-                 f"max {max_new} new tokens, {args.threads} threads")  # fmt: skip
-        rows = []
-        for b in batches:
-            rows += native_rows(model, prompts, params, b, ks, args.repeats)
-        print_table(title, rows)
-        return
-
-    model = smollm2_model(num_mtp=max(int(k) for k in (args.k or "1").split(",")))
-    if args.draft:
-        load_draft(model, args.draft)
+                 f"max {max_new} new tokens")  # fmt: skip
     else:
-        print("no --draft: the MTP module is an untrained copy of the last block (acceptance "
-              "~0); make one with benchmarks/smollm2_draft.py", file=sys.stderr)  # fmt: skip
-    prompts, eos = job_prompts("heldout")
-    prompts = prompts[: args.prompts or 8]
-    max_new = args.max_new_tokens or 256
+        model = smollm2_model(num_mtp=max(int(k) for k in (args.k or "1").split(",")))
+        if args.draft:
+            load_draft(model, args.draft)
+        else:
+            print("no --draft: the MTP module is an untrained copy of the last block "
+                  "(acceptance ~0); make one with benchmarks/smollm2_draft.py",
+                  file=sys.stderr)  # fmt: skip
+        prompts, eos = job_prompts("heldout")
+        prompts = prompts[: args.prompts or 8]
+        tok_dir = tokenizer_dir(parse_job_config(["--job.config_file", str(SMOLLM2_CONFIG)]))
+        max_new = args.max_new_tokens or 256
+        batches = [int(b) for b in (args.batch or "1,8").split(",")]
+        ks = [int(k) for k in (args.k or "1").split(",")]
+        draft = f"MTP draft {args.draft}" if args.draft else "MTP module untrained"
+        title = (
+            f"SmolLM2-135M-Instruct (GGUF dequantised to float32; {draft}), {len(prompts)} "
+            "held-out GSM8K prompts of the smollm2 job (chat template), greedy, stop at "
+            f"<|im_end|>, max {max_new} new tokens"
+        )
     params = SamplingParams(max_new_tokens=max_new, temperature=0.0, stop_token_ids=(eos,))
-    batches = [int(b) for b in (args.batch or "1,8").split(",")]
-    ks = [int(k) for k in (args.k or "1").split(",")]
+    device = torch.device(args.device)
+    model.to(device)
     rows = []
     for b in batches:
         rows += native_rows(model, prompts, params, b, ks, args.repeats)
-        if args.hf and (row := hf_row(find_smollm2_gguf(), prompts, params, b, args.repeats)):
-            rows.append(row)
-    draft = f"MTP draft {args.draft}" if args.draft else "MTP module untrained"
-    title = (
-        f"SmolLM2-135M-Instruct (GGUF dequantised to float32; {draft}), {len(prompts)} "
-        "held-out GSM8K prompts of the smollm2 job (chat template), greedy, stop at "
-        f"<|im_end|>, max {max_new} new tokens, {args.threads} threads"
-    )
-    print_table(title, rows)
+        if args.hf and args.suite == "smollm2":
+            if row := hf_row(find_smollm2_gguf(), prompts, params, b, args.repeats):
+                rows.append(row)
+        if args.vllm is not None:
+            rows += vllm_rows(model, prompts, params, b, args.vllm, args.repeats, tok_dir)
+    where = f"{args.threads} threads" if device.type == "cpu" else str(device)
+    print_table(f"{title}, native engine on {where}", rows)
 
 
 if __name__ == "__main__":

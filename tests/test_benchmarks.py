@@ -33,6 +33,15 @@ def test_rollout_benchmark_prints_plain_and_speculative_rows():
     assert "random weights" in out.stderr
 
 
+def test_vllm_rows_without_vllm_or_a_gpu_exit_saying_what_to_install():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the vLLM rows may run here")
+    cmd = [sys.executable, str(BENCHMARKS / "rollout.py"), "--vllm", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "--vllm:" in out.stderr and ("pip install" in out.stderr or "GPU" in out.stderr)
+
+
 def debug_model(seed: int = 0) -> MTPTransformer:
     args = dataclasses.replace(mtp_flavors["debug"], num_mtp_modules=1, max_seq_len=64)
     torch.manual_seed(seed)
