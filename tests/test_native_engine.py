@@ -174,7 +174,7 @@ def test_stop_string_ends_a_row_and_keeps_the_string(model):
     assert out[2].finish_reason == "stop" and len(out[2].token_ids) <= 5
 
 
-def test_restores_train_mode_weights_and_logs_progress(model, caplog):
+def test_leaves_train_mode_weights_and_grads_alone_and_logs_progress(model, caplog):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
     engine = NativeRolloutEngine(model, progress_every_s=0.0)
@@ -200,13 +200,16 @@ def test_invalid_requests_are_rejected(model):
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 2), (2, 2), (1, 4), (1, 5), (3, 3)])
 def test_weight_stationary_small_row_linear_equals_f_linear(shape):
-    """Up to SMALL_ROWS rows the engine computes weight @ x^T; same values as F.linear."""
+    """Up to max_rows rows the engine computes weight @ x^T; same values as F.linear,
+    on both sides of the block threshold (4) and under the head's (64)."""
     torch.manual_seed(0)
     weight, bias = torch.randn(48, 32), torch.randn(48)
     x = torch.randn(*shape, 32)
-    torch.testing.assert_close(_linear(x, weight, bias), F.linear(x, weight, bias))
-    torch.testing.assert_close(_linear(x, weight), F.linear(x, weight))
-    assert _linear(x, weight).shape == (*shape, 48)
+    for max_rows in (4, 64):
+        got = _linear(x, weight, bias, max_rows=max_rows)
+        torch.testing.assert_close(got, F.linear(x, weight, bias))
+        torch.testing.assert_close(_linear(x, weight, max_rows=max_rows), F.linear(x, weight))
+        assert got.shape == (*shape, 48)
 
 
 def test_fsdp2_and_tp2_generate_like_a_single_process(tmp_path):

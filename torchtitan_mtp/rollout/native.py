@@ -263,19 +263,28 @@ class _KVCache:
 
 
 SMALL_ROWS = 4
-"""Up to this many rows, linear layers run weight-stationary (``_linear``)."""
+"""Up to this many rows, block linear layers run weight-stationary (``_linear``)."""
+
+HEAD_SMALL_ROWS = 64
+"""Up to this many rows, the [V, D] output head runs weight-stationary (``_logits``)."""
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+def _linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    max_rows: int = SMALL_ROWS,
+) -> torch.Tensor:
     """F.linear(x [..., in], weight [out, in], bias [out]) -> [..., out].
 
-    Decode steps and verification multiply a few rows. For 2-4 rows, CPU BLAS (MKL) is
-    measured 20-45% faster on ``weight @ x^T`` (weight-stationary, the weight streamed
-    once) than on ``x @ weight^T`` at SmolLM2's shapes, and equal for 1 row; from about
-    8 rows F.linear wins. This keeps the marginal cost of a verified draft low.
+    Decode steps and verification multiply a few rows. On CPU BLAS (MKL), for up to
+    ``max_rows`` rows, ``weight @ x^T`` (weight-stationary: the weight is streamed once,
+    not packed) is faster than ``x @ weight^T``: 20-45% for 2-4 rows at SmolLM2's block
+    shapes (equal for 1 row, slower from about 8), and 2-3x for 2-8 rows of the
+    49152 x 576 head (up to 64 rows). This keeps the marginal cost of a verified draft low.
     """
     rows = x.numel() // x.shape[-1]
-    if rows > SMALL_ROWS or x.device.type != "cpu":
+    if rows > max_rows or x.device.type != "cpu":
         return F.linear(x, weight, bias)
     out = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().reshape(*x.shape[:-1], -1)
     return out if bias is None else out + bias
@@ -396,17 +405,8 @@ def _mtp(
 
 
 def _logits(w: _Weights, norm: _Norm, h: torch.Tensor) -> torch.Tensor:
-    """float32 logits [..., V] of pre-norm hidden states [..., D] through ``norm`` and the head.
-
-    For a few rows (decode steps, verification) the product runs weight-stationary,
-    ``output @ x^T``: CPU BLAS then streams the [V, D] head once instead of packing it, which
-    measured 2-3x faster for 2-8 rows at V = 49152 (and never slower for one row).
-    """
-    x = norm(h)
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] <= 64:
-        return torch.mm(w.output, rows.t()).t().reshape(*x.shape[:-1], -1).float()
-    return F.linear(x, w.output).float()
+    """float32 logits [..., V] of pre-norm hidden states [..., D] through ``norm`` and the head."""
+    return _linear(norm(h), w.output, max_rows=HEAD_SMALL_ROWS).float()
 
 
 # ---------------------------------------------------------------------------- sampling
