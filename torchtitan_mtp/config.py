@@ -55,11 +55,33 @@ class MTP:
     logprob_chunk_size: int = field(default=1024, metadata={"gt": 0})
     """Sequence chunk length for the chunked log-prob / cross-entropy computation"""
 
+    draft_loss: Literal["none", "ce"] = "none"
+    """RL stage: an extra draft objective on MTP-only parameters, beside the regime's MTP
+    term. "ce": cross-entropy of every MTP head on the sampled response tokens, computed by
+    a second pass of the MTP modules on detached trunk states, detached embeddings and a
+    detached output head, so it puts no gradient on any shared parameter; "none": off"""
+
+    draft_coefficient: float = field(default=1.0, metadata={"ge": 0})
+    """Weight of the draft objective (per head, token-mean CE)"""
+
 
 @dataclass
 class OCC:
-    estimator: Literal["ratio_of_means", "mean_of_ratios"] = "ratio_of_means"
-    """How the OCC correction ratio is estimated over a batch"""
+    estimator: Literal[
+        "ratio_of_means", "mean_of_ratios", "head_change", "output_grad", "exact"
+    ] = "ratio_of_means"
+    """How lambda_k is estimated per mini-batch: "ratio_of_means" (paper, Eq. 13) and
+    "mean_of_ratios" (reference code), both from head k's gap l^k - l_old; "head_change"
+    (head k's own log-prob change since the step began, a regression of the main head's
+    change on it); "output_grad" (beta <g, g_m^k> / ||g_m^k||^2 restricted to the output
+    head, computed exactly from the forward pass: no extra backward); "exact" (the same
+    over every shared parameter from real gradients: K + 1 backward passes per mini-batch,
+    small models only)"""
+
+    beta: float = field(default=1.0, metadata={"ge": 0})
+    """estimators "exact" and "output_grad": lambda_k = beta <g, g_m^k> / ||g_m^k||^2. beta
+    stands for the unknown (1 - L eta) / (L eta) of OCC_SPEC §3; beta = 1 adds to g its
+    own projection on g_m^k. Not the fixed regimes' c"""
 
     eps: float = field(default=1e-8, metadata={"gt": 0})
     """Numerical floor for the denominator of the OCC ratio"""
@@ -445,6 +467,11 @@ def validate_job_config(config: MTPJobConfig, source: str = "<config>") -> None:
         problems.append(
             f"regime '{mtp.regime}' trains MTP heads but mtp.num_modules = 0; "
             "set num_modules >= 1 or use regime 'detach'"
+        )
+    if occ.estimator == "exact" and occ.apply_to != "loss" and mtp.regime == "occ":
+        problems.append(
+            'occ.estimator = "exact" combines real gradients, g + sum_k lambda_k g_m^k, which '
+            'is lambda scaling the loss: set occ.apply_to = "loss"'
         )
     if None not in (occ.clamp_min, occ.clamp_max) and occ.clamp_min > occ.clamp_max:
         problems.append(f"occ.clamp_min = {occ.clamp_min} > occ.clamp_max = {occ.clamp_max}")

@@ -20,6 +20,7 @@ __all__ = [
     "IGNORE_INDEX",
     "AlignedTokenStats",
     "align_to_targets",
+    "draft_logprobs",
     "head_targets",
     "target_mask",
     "token_logprobs",
@@ -105,3 +106,19 @@ def token_logprobs(
         top1=align_to_targets(stats.top1, False),
         mask=target_mask(labels, num_heads, segment_ids),
     )
+
+
+def draft_logprobs(
+    model: nn.Module, draft_hidden: list[torch.Tensor], labels: torch.Tensor
+) -> torch.Tensor:
+    """Aligned log-probs [K, B, S] of the draft pass (``model(..., draft_pass=True)[K+1:]``).
+
+    The output head's weight is detached, so with the pass's detached inputs the result's
+    gradient reaches MTP-only parameters only. Entry [k-1, b, j] is head k's log-prob of
+    ``labels[b, j]``; mask it with ``target_mask(labels, K + 1, None)[1:]``.
+    """
+    num_heads = len(draft_hidden) + 1
+    targets = head_targets(labels, num_heads)[1:]
+    stats: TokenStats = model.output(torch.stack(draft_hidden), targets, 0)
+    logp = torch.cat([torch.zeros_like(stats.logp[:1]), stats.logp])
+    return align_to_targets(logp, 0.0)[1:]

@@ -230,6 +230,7 @@ class MTPTransformer(ModelProtocol):
         attention_masks: AttentionMasksType | None = None,
         positions: torch.Tensor | None = None,
         detach_mtp_inputs: bool = False,
+        draft_pass: bool = False,
     ) -> list[torch.Tensor]:
         """tokens [B, S] -> K + 1 normalised hidden states, each [B, S, D].
 
@@ -238,6 +239,8 @@ class MTPTransformer(ModelProtocol):
         so its last k positions see padding and have no valid prediction.
         ``detach_mtp_inputs`` (Detach regime) feeds the MTP modules ``h^0.detach()`` and
         detached embeddings, so MTP losses put no gradient on the trunk or the embedding.
+        ``draft_pass`` appends K more entries: a second pass of the MTP modules on detached
+        inputs (the draft objective: gradients reach MTP-only parameters only).
         """
         if attention_masks is not None:
             raise NotImplementedError("MTPTransformer uses causal SDPA attention only")
@@ -250,12 +253,13 @@ class MTPTransformer(ModelProtocol):
         for layer in self.layers.values():
             h = layer(h, self.rope_cache, None, positions)
         hidden = [self.norm(h)]
-        if detach_mtp_inputs:
-            h = h.detach()
-        for k, module in enumerate(self.mtp.values(), start=1):
-            emb = embs[k].detach() if detach_mtp_inputs else embs[k]
-            h, normed = module(h, emb, self.rope_cache, positions)
-            hidden.append(normed)
+        trunk = h
+        for detach in [detach_mtp_inputs] + ([True] if draft_pass else []):
+            h = trunk.detach() if detach else trunk
+            for k, module in enumerate(self.mtp.values(), start=1):
+                emb = embs[k].detach() if detach else embs[k]
+                h, normed = module(h, emb, self.rope_cache, positions)
+                hidden.append(normed)
         return hidden
 
 

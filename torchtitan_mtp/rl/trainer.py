@@ -18,6 +18,7 @@ yields prompt batches (``training.dataset = "rl_prompts"``).
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
 from collections import defaultdict
@@ -51,7 +52,15 @@ from .losses import (
     truncated_is_weights,
 )
 from .objective import RLObjective, RolloutBatch
-from .occ import OCCCalibrator
+from .occ import PROXY_ESTIMATORS, OCCCalibrator, exact_coefficient, proxy_estimate
+
+# Estimators informative on a step's first mini-batch too (no log-prob change needed).
+_GRADIENT_ESTIMATORS = ("exact", "output_grad")
+_SUM_KEYS = (
+    "count", "gap_prod", "gap_sq", "gap_ratio", "main_sq", "own_prod", "own_sq",
+    "adv_main", "adv_gap", "adv_own", "adv_abs",
+    "out_inner", "out_sq", "out_main_sq",
+)  # fmt: skip
 
 __all__ = ["RLTrainer", "rl_stage_config"]
 
@@ -126,12 +135,37 @@ class RLTrainer(Trainer):
             base=self.base,
             estimator=occ.estimator,
             eps=occ.eps,
+            beta=occ.beta,
             clamp_min=occ.clamp_min,
             clamp_max=occ.clamp_max,
             apply_to=occ.apply_to,
             group=self.dp_group,
         )
-        self.objective = RLObjective(rl, self.regime, self.num_mtp, self.base, calibrator)
+        mtp = job_config.mtp
+        self.objective = RLObjective(
+            rl,
+            self.regime,
+            self.num_mtp,
+            self.base,
+            calibrator,
+            draft_loss=mtp.draft_loss,
+            draft_coefficient=mtp.draft_coefficient,
+        )
+        self.exact_occ = self.regime == "occ" and occ.estimator == "exact"
+        # The output-head gradient products: for the estimator, or to compare with exact.
+        self.objective.output_grad = bool(self.num_mtp) and (
+            (self.regime == "occ" and occ.estimator == "output_grad")
+            or self.exact_occ
+            or bool(rl.diagnostics_every)
+        )
+        # MTP-only parameters get no g (J does not depend on them): OCC_SPEC §3.
+        self.shared_params = [
+            p
+            for name, p in self.model.named_parameters()
+            if p.requires_grad
+            if not name.startswith("mtp.")
+        ]
+        self.minibatch_log = os.path.join(job_config.job.dump_folder, "occ_minibatches.jsonl")
         _, self.heldout = rl_prompt_splits(job_config)
         # Chat-rendered prompts carry their own special tokens; plain ones get <bos>.
         self.add_bos = not job_config.data.chat_template
@@ -286,15 +320,19 @@ class RLTrainer(Trainer):
         return RolloutBatch(inputs[:, :-1], labels, adv.float(), rollout_logp)
 
     @torch.no_grad()
-    def _recompute_logp(self, model: torch.nn.Module, batch: RolloutBatch) -> torch.Tensor:
-        """Main-head log-probs [N, T] of the batch's labels under ``model``, micro-batched."""
+    def _recompute_logp(
+        self, model: torch.nn.Module, batch: RolloutBatch, heads: int = 1
+    ) -> torch.Tensor:
+        """Aligned log-probs [N, T] of the main head (``heads = 1``), or [N, heads, T] of
+        the first ``heads`` heads, of the batch's labels under ``model``, micro-batched."""
         out = []
         mb = self.job_config.rl.micro_batch_size
         for start in range(0, batch.inputs.shape[0], mb):
             inputs = batch.inputs[start : start + mb].to(self.device)
             labels = batch.labels[start : start + mb].to(self.device)
-            hidden = model(inputs)[:1]  # main head only
-            out.append(token_logprobs(model, hidden, labels).logp[0].cpu())
+            hidden = model(inputs)[:heads]
+            logp = token_logprobs(model, hidden, labels).logp  # [heads, B, T]
+            out.append((logp[0] if heads == 1 else logp.transpose(0, 1)).cpu())
         return torch.cat(out)
 
     def _counts(self, micro_batches: list[RolloutBatch]) -> dict[str, torch.Tensor]:
@@ -344,7 +382,11 @@ class RLTrainer(Trainer):
             batch.labels[~keep] = IGNORE_INDEX
 
         # 4. Old log-probs recomputed by the trainer (and the frozen reference's).
-        batch.old_logp = self._recompute_logp(self.model, batch)
+        if self.num_mtp:  # the heads' old log-probs serve the head_change estimator
+            old = self._recompute_logp(self.model, batch, heads=self.num_mtp + 1)
+            batch.old_logp, batch.old_mtp_logp = old[:, 0].contiguous(), old[:, 1:]
+        else:
+            batch.old_logp = self._recompute_logp(self.model, batch)
         if self.ref_model is not None:
             batch.ref_logp = self._recompute_logp(self.ref_model, batch)
         if rl.tis_imp_ratio_cap:  # truncated importance sampling (rollout != trainer)
@@ -353,22 +395,27 @@ class RLTrainer(Trainer):
         # 5. ppo_epochs x mini_batches optimizer updates, micro-batch accumulation.
         t1 = time.perf_counter()
         log: dict[str, float] = defaultdict(float)
-        num_rows, grad_norms, updates = batch.inputs.shape[0], [], 0
+        num_rows, grad_norms, records = batch.inputs.shape[0], [], []
         bounds = torch.linspace(0, num_rows, rl.mini_batches + 1).round().long().tolist()
-        for _ in range(rl.ppo_epochs):
-            for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        diagnose = bool(rl.diagnostics_every) and step % rl.diagnostics_every == 0
+        t_exact = 0.0
+        for epoch in range(rl.ppo_epochs):
+            for index, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
                 micro = [
                     batch.select(slice(s, min(s + rl.micro_batch_size, hi)))
                     for s in range(lo, hi, rl.micro_batch_size)
                 ]
                 counts = self._counts(micro)
-                last = hi == bounds[-1]
-                if last and rl.diagnostics_every and step % rl.diagnostics_every == 0:
-                    log.update(self.exact_gradient_diagnostics(micro, counts))
-                self.optimizers.zero_grad()
-                for mb in micro:
-                    self.objective(self.model, mb.to(self.device), counts, log).backward()
-                    updates += 1
+                exact = None
+                if self.num_mtp and (self.exact_occ or diagnose):
+                    t = time.perf_counter()
+                    exact = self._exact_update(micro, counts, log)
+                    t_exact += time.perf_counter() - t
+                if not self.exact_occ:  # (exact OCC has set the gradients already)
+                    self.optimizers.zero_grad()
+                    for mb in micro:
+                        self.objective(self.model, mb.to(self.device), counts, log).backward()
+                records.append(self._minibatch_record(step, epoch, index, exact))
                 grad_norm = dist_utils.clip_grad_norm_(
                     list(self.model.parameters()), self.job_config.training.max_norm, foreach=True
                 )
@@ -381,13 +428,15 @@ class RLTrainer(Trainer):
                 self.optimizers.step()
         self.lr_schedulers.step()
         t_update = time.perf_counter() - t1
+        if self.num_mtp and (self.exact_occ or diagnose):
+            spec_metrics["perf/exact_occ_seconds"] = t_exact
+        self._write_minibatch_records(records)
 
         # 6. Metrics (global over data-parallel ranks).
         times = (t_rollout, t_update, time.perf_counter() - t0)
         spec_metrics["perf/weight_sync_seconds"] = t_sync
-        self._log_step(
-            log, updates, grad_norms, correct, rewards, lengths, batch, times, spec_metrics
-        )
+        spec_metrics.update(self._occ_metrics(records))
+        self._log_step(log, grad_norms, correct, rewards, lengths, batch, times, spec_metrics)
 
     def _sync_rollout_weights(self, version: int) -> None:
         """Push the policy (trunk and MTP draft) into the rollout engine once per version;
@@ -426,47 +475,195 @@ class RLTrainer(Trainer):
             "rollout/tis_truncated_fraction": truncated / max(tokens, 1),
         }
 
-    def exact_gradient_diagnostics(
-        self, micro: list[RolloutBatch], counts: dict[str, torch.Tensor]
-    ) -> dict[str, float]:
-        """True <g, g_m^k>, ||g_m^k||^2 and their cosine over all trainable parameters.
+    # ---------------------------------------------------------------- exact OCC
 
-        OCC_SPEC §5: g = -grad of the main surrogate, g_m^k = -grad of head k's MTP loss,
-        on one mini-batch (the step's last, where the policy has moved). K + 1 extra
-        backward passes: for small models.
-        """
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        grads = []
-        for term in range(self.num_mtp + 1):
-            self.optimizers.zero_grad()
-            for mb in micro:
-                self.objective.diagnostic_losses(self.model, mb.to(self.device), counts)[
-                    term
-                ].backward()
-            grads.append([None if p.grad is None else -p.grad.detach().clone() for p in params])
+    def _term_gradients(
+        self,
+        micro: list[RolloutBatch],
+        counts: dict[str, torch.Tensor],
+        part,
+        log=None,
+        exact=None,
+    ) -> list[torch.Tensor | None]:
+        """Gradients (clones of .grad, possibly sharded DTensors) of one ``part`` of the
+        objective (see ``rl.objective.Part``) over the mini-batch's micro-batches."""
         self.optimizers.zero_grad()
+        for mb in micro:
+            loss = self.objective(
+                self.model, mb.to(self.device), counts, log, part=part, exact=exact
+            )
+            loss.backward()
+        return [
+            None if p.grad is None else p.grad.detach().clone() for p in self.model.parameters()
+        ]
 
-        def dot(a: list, b: list) -> float:
-            total = 0.0
-            for x, y in zip(a, b, strict=True):
-                if x is not None and y is not None:
-                    d = (x * y).sum()
-                    total += float(d.full_tensor() if hasattr(d, "full_tensor") else d)
-            return total
+    def _shared_dot(self, a: list, b: list, group: str | None = None) -> float:
+        """Global <a, b> over the shared parameters (trunk, embedding, output head), or
+        over one ``group`` of them: "output", "embedding" or "trunk" (blocks, final norm)."""
+        shared = {id(p) for p in self.shared_params}
+        if group is not None:
+            names = {"output": "output.", "embedding": "tok_embeddings."}
+            chosen = {
+                id(p)
+                for name, p in self.model.named_parameters()
+                if id(p) in shared
+                and (
+                    name.startswith(names[group])
+                    if group in names
+                    else not name.startswith(tuple(names.values()))
+                )
+            }
+            shared &= chosen
+        total = 0.0
+        for p, x, y in zip(self.model.parameters(), a, b, strict=True):
+            if id(p) in shared and x is not None and y is not None:
+                d = (x.float() * y.float()).sum()
+                total += float(d.full_tensor() if hasattr(d, "full_tensor") else d)
+        return total
 
-        out = {}
-        g_sq = dot(grads[0], grads[0])
+    def _exact_update(
+        self, micro: list[RolloutBatch], counts: dict[str, torch.Tensor], log: dict
+    ) -> dict[str, torch.Tensor]:
+        """<g, g_m^k>, ||g_m^k||^2, ||g||^2 and lambda*_k of one mini-batch, from real
+        gradients over the shared parameters (OCC_SPEC §3, "the exact optimum").
+
+        g = -grad of the main objective (surrogate, KL, entropy; the draft objective adds
+        nothing on shared parameters), g_m^k = -grad of head k's regime loss; the signs
+        cancel in the products. Under FSDP the gradients are sums over ranks and the
+        products are global, so every rank gets the same lambda*. K + 1 backward passes.
+
+        With the "exact" OCC estimator the update's gradient is then set to
+        ``grad(main) + sum_k lambda_k grad(head k)`` (lambda scaling the loss) and no other
+        pass is needed; otherwise (diagnostics) the gradients are left zeroed.
+        """
+        heads = [self._term_gradients(micro, counts, k) for k in range(1, self.num_mtp + 1)]
+        # The main pass logs the step's metrics when it replaces the usual pass (exact OCC).
+        main = self._term_gradients(micro, counts, "main", log if self.exact_occ else None)
+        g_sq = self._shared_dot(main, main)
+        inner = torch.tensor([self._shared_dot(main, h) for h in heads])
+        sq = torch.tensor([self._shared_dot(h, h) for h in heads])
+        calibrator = self.objective.calibrator
+        lam = exact_coefficient(inner, sq, calibrator.beta, calibrator.eps)
+        out = {
+            "inner": inner,
+            "sq_norm": sq,
+            "lambda": lam,
+            "cosine": torch.where(sq * g_sq > 0, inner / (g_sq * sq).clamp(min=1e-60).sqrt(), 0.0),
+            "main_sq": torch.tensor(g_sq),
+        }
+        for group in ("output", "embedding", "trunk"):
+            out[f"inner_{group}"] = torch.tensor([self._shared_dot(main, h, group) for h in heads])
+            out[f"sq_{group}"] = torch.tensor([self._shared_dot(h, h, group) for h in heads])
+        self.optimizers.zero_grad()
+        if not self.exact_occ:
+            return out
+        applied = calibrator.clamp(lam)
+        for record in self.objective.records:  # the main pass did not know lambda yet
+            record.update(applied=applied, correlation=inner, penalty=sq)
+        for p, grad, *per_head in zip(self.model.parameters(), main, *heads, strict=True):
+            for k, g_k in enumerate(per_head):
+                if g_k is not None:
+                    grad = applied[k] * g_k if grad is None else grad + applied[k] * g_k
+            p.grad = grad
+        return out
+
+    def _minibatch_record(
+        self, step: int, epoch: int, index: int, exact: dict[str, torch.Tensor] | None
+    ) -> dict[str, float]:
+        """One row of ``occ_minibatches.jsonl``: every estimator's lambda_k (and A_k, V_k)
+        on this mini-batch, the applied coefficient, and the exact products when computed.
+        Sums over the mini-batch's micro-batches (all global over data-parallel ranks)."""
+        calls = self.objective.records
+        self.objective.records = []
+        row: dict[str, float] = {"step": step, "epoch": epoch, "minibatch": index}
+        if not calls or not self.num_mtp:
+            return row
+        sums = {key: sum(c[key] for c in calls) for key in calls[0] if key in _SUM_KEYS}
+        applied = sum(c["applied"] for c in calls) / len(calls)
+        base, eps = self.base, self.objective.calibrator.eps
+        for k in range(self.num_mtp):
+            head = f"head{k + 1}"
+            row[f"applied/{head}"] = float(applied[k])
+            beta = self.objective.calibrator.beta
+            for est in PROXY_ESTIMATORS:
+                if (est == "head_change" and "own_prod" not in sums) or (
+                    est == "output_grad" and "out_inner" not in sums
+                ):
+                    continue
+                head_sums = {n: t[k] for n, t in sums.items()}
+                a, v, lam = proxy_estimate(head_sums, est, base, eps, beta)
+                row[f"lambda/{est}/{head}"] = float(lam)
+                row[f"A/{est}/{head}"] = float(a)
+                row[f"V/{est}/{head}"] = float(v)
+            for name, total in sums.items():
+                row[f"sum/{name}/{head}"] = float(total[k])
+            if exact is not None:
+                row[f"lambda/exact/{head}"] = float(exact["lambda"][k])
+                row[f"A/exact/{head}"] = float(exact["inner"][k])
+                row[f"V/exact/{head}"] = float(exact["sq_norm"][k])
+                row[f"cosine/exact/{head}"] = float(exact["cosine"][k])
+                for group in ("output", "embedding", "trunk"):
+                    row[f"A/exact_{group}/{head}"] = float(exact[f"inner_{group}"][k])
+                    row[f"V/exact_{group}/{head}"] = float(exact[f"sq_{group}"][k])
+                row["main_sq/exact"] = float(exact["main_sq"])
+        return row
+
+    def _write_minibatch_records(self, records: list[dict[str, float]]) -> None:
+        """Append the step's rows to ``<dump_folder>/occ_minibatches.jsonl`` (rank 0).
+
+        A resumed job may repeat rows of steps after its checkpoint; readers keep the last
+        row per (step, epoch, minibatch) (``torchtitan_mtp.study.read_minibatches``)."""
+        if not self.num_mtp or (dist.is_initialized() and dist.get_rank() != 0):
+            return
+        os.makedirs(os.path.dirname(self.minibatch_log) or ".", exist_ok=True)
+        with open(self.minibatch_log, "a") as f:
+            for row in records:
+                f.write(json.dumps(row) + "\n")
+
+    def _occ_metrics(self, records: list[dict[str, float]]) -> dict[str, float]:
+        """occ/* TensorBoard scalars of the step: means over the mini-batches after the
+        policy moved (the first mini-batch of a step has delta = 0 for every proxy), or
+        over all when there is one; diag/* (exact) over the same mini-batches."""
+        if not self.num_mtp:
+            return {}
+        moved = [r for r in records if (r["epoch"], r["minibatch"]) != (0, 0)] or records
+        estimator = self.job_config.occ.estimator if self.regime == "occ" else None
+        proxy = estimator if estimator in PROXY_ESTIMATORS else "ratio_of_means"
+
+        def mean(key: str, rows=moved) -> float | None:
+            values = [r[key] for r in rows if key in r]
+            return sum(values) / len(values) if values else None
+
+        out: dict[str, float] = {}
         for k in range(1, self.num_mtp + 1):
-            inner, gm_sq = dot(grads[0], grads[k]), dot(grads[k], grads[k])
-            out[f"_diag/inner_product/head{k}"] = inner
-            out[f"_diag/mtp_grad_sq_norm/head{k}"] = gm_sq
-            out[f"_diag/cosine/head{k}"] = inner / max((g_sq * gm_sq) ** 0.5, 1e-30)
+            head = f"head{k}"
+            source = "exact" if estimator == "exact" else proxy
+            rows = records if source in _GRADIENT_ESTIMATORS else moved
+            a, v = mean(f"A/{source}/{head}", rows), mean(f"V/{source}/{head}", rows)
+            lam = mean(f"applied/{head}", rows)
+            pairs = {
+                "occ/correlation_proxy": a,
+                "occ/penalty_proxy": v,
+                "occ/coefficient": lam,
+                "occ/relative_coefficient": None if lam is None else lam / self.base,
+            }
+            if None not in (a, v, lam):
+                weight = (
+                    self.objective.calibrator.beta if source in _GRADIENT_ESTIMATORS else self.base
+                )
+                pairs["occ/gain_proxy"] = weight * lam * a - lam * lam * v / 2
+            for est in (*PROXY_ESTIMATORS, "exact"):
+                est_rows = records if est in _GRADIENT_ESTIMATORS else moved
+                pairs[f"occ/lambda/{est}"] = mean(f"lambda/{est}/{head}", est_rows)
+            pairs["diag/inner_product"] = mean(f"A/exact/{head}", records)
+            pairs["diag/mtp_grad_sq_norm"] = mean(f"V/exact/{head}", records)
+            pairs["diag/cosine"] = mean(f"cosine/exact/{head}", records)
+            out.update({f"{tag}/{head}": x for tag, x in pairs.items() if x is not None})
         return out
 
     def _log_step(
         self,
         log: dict[str, float],
-        updates: int,
         grad_norms: list[float],
         correct: torch.Tensor,
         rewards: torch.Tensor,
@@ -494,7 +691,6 @@ class RLTrainer(Trainer):
                 float((batch.inputs != self.pad_id).sum()),
             ]
         )
-        diagnostics = {k[1:]: log.pop(k) for k in list(log) if k.startswith("_diag/")}
         keys = sorted(log)
         values = torch.tensor([log[k] for k in keys], dtype=torch.float32)
         totals = self._global_sum(torch.cat([sums, values]).to(self.device)).cpu()
@@ -523,18 +719,16 @@ class RLTrainer(Trainer):
             if key.startswith("_top1/"):
                 head = key.split("/")[1]
                 metrics[f"mtp/top1_agreement/{head}"] = value / max(reduced[f"_tokens/{head}"], 1)
-            elif key.startswith("occ/"):
-                metrics[key] = value / (updates * self.dp_degree)  # same on every rank
             else:
                 metrics[key] = value / num_updates
-        metrics.update(diagnostics)
         if hasattr(self.reward_fn, "stats"):  # outcome counts of the reward workers
             stats = self.reward_fn.stats(reset=True)
             metrics.update({f"reward/{reason}": float(n) for reason, n in stats.items()})
         metrics.update(extra)
         self.metrics_processor.logger.log(metrics, self.step)
         lambdas = " ".join(
-            f"{metrics[f'occ/coefficient/head{k}']:+.3f}" for k in range(1, self.num_mtp + 1)
+            f"{metrics.get(f'occ/coefficient/head{k}', 0.0):+.3f}"
+            for k in range(1, self.num_mtp + 1)
         )
         logger.info(
             f"rl step {self.step:3d} | reward {metrics['rl/reward_mean']:.3f} "
