@@ -13,6 +13,7 @@ from torchtitan_mtp.rl.occ import (
     OCCCalibrator,
     occ_coefficient,
     occ_statistics,
+    proxy_sums,
     scaled_head_policy_loss,
 )
 
@@ -63,6 +64,28 @@ def test_coefficient_is_zero_when_the_policy_has_not_moved(estimator):
 def test_coefficient_is_zero_without_valid_tokens(estimator):
     lam = occ_coefficient(LOGP, OLD, MTP, torch.zeros_like(MASK), base=BASE, estimator=estimator)
     assert lam.item() == 0.0
+
+
+def test_head_change_regresses_the_main_change_on_the_heads_own_change():
+    # c_k = mtp - old_mtp = 0.05, -0.1, 0.2, 0.1 on the valid tokens
+    old_mtp = MTP - torch.tensor([[0.05, -0.1, 0.2], [0.1, 0.0, 0.0]])
+    stats = occ_statistics(LOGP, OLD, MTP, MASK, base=BASE, estimator="head_change",
+                           old_mtp_logp=old_mtp)  # fmt: skip
+    a = (0.2 * 0.05 + -0.1 * -0.1 + 0.3 * 0.2 + 0.1 * 0.1) / 4  # 0.0225
+    v = (0.05**2 + 0.1**2 + 0.2**2 + 0.1**2) / 4  # 0.015625
+    assert stats.correlation.item() == pytest.approx(a, rel=1e-5)
+    assert stats.penalty.item() == pytest.approx(v, rel=1e-5)
+    assert stats.coefficient.item() == pytest.approx(BASE * a / v, rel=1e-5)
+    with pytest.raises(ValueError, match="old_mtp_logp"):
+        occ_statistics(LOGP, OLD, MTP, MASK, base=BASE, estimator="head_change")
+
+
+def test_advantage_weighted_sums_are_recorded():
+    adv = torch.tensor([[1.0, -1.0, 2.0], [0.5, NAN, 7.0]])
+    sums = proxy_sums(LOGP, OLD, MTP, MASK, advantages=adv)
+    assert sums["adv_main"].item() == pytest.approx(0.2 + 0.1 + 0.6 + 0.05, rel=1e-5)
+    assert sums["adv_gap"].item() == pytest.approx(0.1 - 0.2 + 0.6 - 0.1, rel=1e-5)
+    assert sums["adv_abs"].item() == pytest.approx(4.5, rel=1e-5)
 
 
 def test_coefficient_never_requires_grad():
@@ -202,9 +225,9 @@ def _rank_worker(rank: int, port: int, out: str) -> None:
         group = dist.group.WORLD
         result = {
             est: OCCCalibrator(base=BASE, estimator=est, group=group).calibrate(
-                logp, old, mtp, mask
+                logp, old, mtp, mask, old_mtp_logp=mtp - 0.1 * (logp - old)
             )
-            for est in ("ratio_of_means", "mean_of_ratios")
+            for est in ("ratio_of_means", "mean_of_ratios", "head_change")
         }
         result["single"] = occ_coefficient(logp, old, mtp[0], mask[0], base=BASE, group=group)
         torch.save(result, f"{out}.{rank}")
@@ -223,10 +246,12 @@ def test_group_gives_every_rank_the_single_process_value_over_the_whole_batch(tm
     ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
 
     logp, old, mtp, mask = distributed_batch()
-    for est in ("ratio_of_means", "mean_of_ratios"):
-        whole = OCCCalibrator(base=BASE, estimator=est).calibrate(logp, old, mtp, mask)
+    for est in ("ratio_of_means", "mean_of_ratios", "head_change"):
+        whole = OCCCalibrator(base=BASE, estimator=est).calibrate(
+            logp, old, mtp, mask, old_mtp_logp=mtp - 0.1 * (logp - old)
+        )
         for rank in ranks:
-            for got, want in zip(rank[est], whole, strict=True):
+            for got, want in zip(rank[est][:4], whole[:4], strict=True):
                 torch.testing.assert_close(got, want)
     single = occ_coefficient(logp, old, mtp[0], mask[0], base=BASE)
     assert all(math.isclose(r["single"].item(), single.item(), rel_tol=1e-6) for r in ranks)

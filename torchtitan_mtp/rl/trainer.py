@@ -45,6 +45,7 @@ from ..models.logprobs import IGNORE_INDEX, target_mask, token_logprobs
 from ..rewards import get_reward_function, score_batch
 from ..rollout.base import Completion, RolloutEngine, SamplingParams, SpecDecodeStats
 from ..rollout.native import NativeRolloutEngine
+from .exact import apply_exact_gradients, exact_products
 from .losses import (
     dynamic_sampling_keep,
     grpo_advantages,
@@ -52,7 +53,7 @@ from .losses import (
     truncated_is_weights,
 )
 from .objective import RLObjective, RolloutBatch
-from .occ import PROXY_ESTIMATORS, OCCCalibrator, exact_coefficient, proxy_estimate
+from .occ import PROXY_ESTIMATORS, OCCCalibrator, proxy_estimate
 
 # Estimators informative on a step's first mini-batch too (no log-prob change needed).
 _GRADIENT_ESTIMATORS = ("exact", "output_grad")
@@ -158,13 +159,6 @@ class RLTrainer(Trainer):
             or self.exact_occ
             or bool(rl.diagnostics_every)
         )
-        # MTP-only parameters get no g (J does not depend on them): OCC_SPEC §3.
-        self.shared_params = [
-            p
-            for name, p in self.model.named_parameters()
-            if p.requires_grad
-            if not name.startswith("mtp.")
-        ]
         self.minibatch_log = os.path.join(job_config.job.dump_folder, "occ_minibatches.jsonl")
         _, self.heldout = rl_prompt_splits(job_config)
         # Chat-rendered prompts carry their own special tokens; plain ones get <bos>.
@@ -477,94 +471,32 @@ class RLTrainer(Trainer):
 
     # ---------------------------------------------------------------- exact OCC
 
-    def _term_gradients(
-        self,
-        micro: list[RolloutBatch],
-        counts: dict[str, torch.Tensor],
-        part,
-        log=None,
-        exact=None,
-    ) -> list[torch.Tensor | None]:
-        """Gradients (clones of .grad, possibly sharded DTensors) of one ``part`` of the
-        objective (see ``rl.objective.Part``) over the mini-batch's micro-batches."""
-        self.optimizers.zero_grad()
-        for mb in micro:
-            loss = self.objective(
-                self.model, mb.to(self.device), counts, log, part=part, exact=exact
-            )
-            loss.backward()
-        return [
-            None if p.grad is None else p.grad.detach().clone() for p in self.model.parameters()
-        ]
-
-    def _shared_dot(self, a: list, b: list, group: str | None = None) -> float:
-        """Global <a, b> over the shared parameters (trunk, embedding, output head), or
-        over one ``group`` of them: "output", "embedding" or "trunk" (blocks, final norm)."""
-        shared = {id(p) for p in self.shared_params}
-        if group is not None:
-            names = {"output": "output.", "embedding": "tok_embeddings."}
-            chosen = {
-                id(p)
-                for name, p in self.model.named_parameters()
-                if id(p) in shared
-                and (
-                    name.startswith(names[group])
-                    if group in names
-                    else not name.startswith(tuple(names.values()))
-                )
-            }
-            shared &= chosen
-        total = 0.0
-        for p, x, y in zip(self.model.parameters(), a, b, strict=True):
-            if id(p) in shared and x is not None and y is not None:
-                d = (x.float() * y.float()).sum()
-                total += float(d.full_tensor() if hasattr(d, "full_tensor") else d)
-        return total
-
     def _exact_update(
         self, micro: list[RolloutBatch], counts: dict[str, torch.Tensor], log: dict
     ) -> dict[str, torch.Tensor]:
-        """<g, g_m^k>, ||g_m^k||^2, ||g||^2 and lambda*_k of one mini-batch, from real
-        gradients over the shared parameters (OCC_SPEC §3, "the exact optimum").
-
-        g = -grad of the main objective (surrogate, KL, entropy; the draft objective adds
-        nothing on shared parameters), g_m^k = -grad of head k's regime loss; the signs
-        cancel in the products. Under FSDP the gradients are sums over ranks and the
-        products are global, so every rank gets the same lambda*. K + 1 backward passes.
-
-        With the "exact" OCC estimator the update's gradient is then set to
-        ``grad(main) + sum_k lambda_k grad(head k)`` (lambda scaling the loss) and no other
-        pass is needed; otherwise (diagnostics) the gradients are left zeroed.
-        """
-        heads = [self._term_gradients(micro, counts, k) for k in range(1, self.num_mtp + 1)]
-        # The main pass logs the step's metrics when it replaces the usual pass (exact OCC).
-        main = self._term_gradients(micro, counts, "main", log if self.exact_occ else None)
-        g_sq = self._shared_dot(main, main)
-        inner = torch.tensor([self._shared_dot(main, h) for h in heads])
-        sq = torch.tensor([self._shared_dot(h, h) for h in heads])
+        """Exact products of one mini-batch (``rl/exact.py``); with the "exact" estimator
+        the main pass logs the step's metrics and the update's gradients are set here."""
+        products = exact_products(
+            self.model, self.objective, micro, counts, log if self.exact_occ else None,
+            self.device,
+        )  # fmt: skip
         calibrator = self.objective.calibrator
-        lam = exact_coefficient(inner, sq, calibrator.beta, calibrator.eps)
+        lam = products.coefficient(calibrator.beta, calibrator.eps)
         out = {
-            "inner": inner,
-            "sq_norm": sq,
+            "inner": products.inner,
+            "sq_norm": products.sq_norm,
             "lambda": lam,
-            "cosine": torch.where(sq * g_sq > 0, inner / (g_sq * sq).clamp(min=1e-60).sqrt(), 0.0),
-            "main_sq": torch.tensor(g_sq),
+            "cosine": products.cosine,
+            "main_sq": torch.tensor(products.main_sq_norm),
+            **{f"inner_{g}": v[0] for g, v in products.groups.items()},
+            **{f"sq_{g}": v[1] for g, v in products.groups.items()},
         }
-        for group in ("output", "embedding", "trunk"):
-            out[f"inner_{group}"] = torch.tensor([self._shared_dot(main, h, group) for h in heads])
-            out[f"sq_{group}"] = torch.tensor([self._shared_dot(h, h, group) for h in heads])
-        self.optimizers.zero_grad()
-        if not self.exact_occ:
-            return out
-        applied = calibrator.clamp(lam)
-        for record in self.objective.records:  # the main pass did not know lambda yet
-            record.update(applied=applied, correlation=inner, penalty=sq)
-        for p, grad, *per_head in zip(self.model.parameters(), main, *heads, strict=True):
-            for k, g_k in enumerate(per_head):
-                if g_k is not None:
-                    grad = applied[k] * g_k if grad is None else grad + applied[k] * g_k
-            p.grad = grad
+        if self.exact_occ:
+            applied = calibrator.clamp(lam.float())
+            for record in self.objective.records:  # the main pass did not know lambda yet
+                record.update(applied=applied, correlation=products.inner.float(),
+                              penalty=products.sq_norm.float())  # fmt: skip
+            apply_exact_gradients(self.model, products, applied)
         return out
 
     def _minibatch_record(
