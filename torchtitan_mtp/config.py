@@ -33,6 +33,7 @@ __all__ = [
     "MTPJobConfig",
     "Reward",
     "Rollout",
+    "Study",
     "parse_job_config",
     "validate_job_config",
 ]
@@ -279,6 +280,29 @@ class Eval:
 
 
 @dataclass
+class Study:
+    variants: list[str] = field(
+        default_factory=lambda: [
+            "detach", "frozen", "ce", "policy", "occ:ratio_of_means", "occ:output_grad+draft",
+            "occ:exact", "occ:exact+draft",
+        ]
+    )  # fmt: skip
+    """``python -m torchtitan_mtp.study``: the RL runs, each "REGIME[:ESTIMATOR][+draft]"
+    with REGIME in detach, ce, policy, occ, or "frozen" (detach with c = 0: the draft
+    does not train during RL); ESTIMATOR one of [occ] estimator's values; "+draft" adds
+    [mtp] draft_loss = "ce". Every variant runs from the same SFT checkpoint"""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    """RL seeds ([debug] seed of each run); the SFT stage keeps the job's own seed"""
+
+    parallel: int = field(default=2, metadata={"gt": 0})
+    """Runs at a time (each single-threaded)"""
+
+    tail_steps: int = field(default=100, metadata={"gt": 0})
+    """The primary metric: mean training reward over the last N RL steps, paired by seed"""
+
+
+@dataclass
 class Model(TitanModel):
     hf_checkpoint: str = ""
     """Initial weights of the RL stage from an HF safetensors directory (Llama-3, Qwen2/
@@ -303,6 +327,7 @@ class MTPJobConfig(JobConfig):
     reward: Reward = field(default_factory=Reward)
     data: Data = field(default_factory=Data)
     eval: Eval = field(default_factory=Eval)
+    study: Study = field(default_factory=Study)
 
 
 class ConfigError(ValueError):
@@ -530,12 +555,34 @@ def validate_job_config(config: MTPJobConfig, source: str = "<config>") -> None:
     unknown_sets = sorted(set(config.eval.sets) - {"heldout", "aime2025"})
     if unknown_sets:
         problems.append(f"eval.sets has {unknown_sets}; allowed: 'heldout', 'aime2025'")
+    for variant in config.study.variants:
+        if problem := variant_problem(variant):
+            problems.append(f"study.variants: {problem}")
     if training.local_batch_size < 1:
         problems.append(f"training.local_batch_size = {training.local_batch_size} must be >= 1")
     if training.steps < 0:
         problems.append(f"training.steps = {training.steps} must be >= 0")
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+STUDY_REGIMES = ("detach", "frozen", "ce", "policy", "occ")
+
+
+def variant_problem(variant: str) -> str | None:
+    """Why a study variant "REGIME[:ESTIMATOR][+draft]" is invalid, or None."""
+    name, _, extra = variant.partition("+")
+    regime, _, estimator = name.partition(":")
+    estimators = typing.get_args(typing.get_type_hints(OCC)["estimator"])
+    if regime not in STUDY_REGIMES:
+        return f"{variant!r}: regime {regime!r} is not one of {', '.join(STUDY_REGIMES)}"
+    if estimator and regime != "occ":
+        return f"{variant!r}: only occ takes an estimator (occ:ESTIMATOR)"
+    if estimator and estimator not in estimators:
+        return f"{variant!r}: estimator {estimator!r} is not one of {', '.join(estimators)}"
+    if extra not in ("", "draft"):
+        return f"{variant!r}: the only suffix is '+draft'"
+    return None
 
 
 def parse_job_config(args: list[str] | None = None) -> MTPJobConfig:

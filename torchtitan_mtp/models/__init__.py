@@ -40,6 +40,22 @@ mtp_flavors: dict[str, MTPModelArgs] = {
         max_seq_len=256,
         enable_weight_tying=False,
     ),
+    # The regime study's model: about 2.5M parameters with 2 MTP modules (1.6M trunk).
+    "small": MTPModelArgs(
+        family="qwen3",
+        vocab_size=128,
+        dim=192,
+        n_layers=4,
+        n_heads=6,
+        n_kv_heads=2,
+        head_dim=32,
+        hidden_dim=512,
+        norm_eps=1e-6,
+        rope_theta=10000,
+        qk_norm=True,
+        max_seq_len=256,
+        enable_weight_tying=False,
+    ),
     "smollm2_135m": MTPModelArgs(
         family="smollm2",
         vocab_size=49152,
