@@ -70,19 +70,14 @@ class MTP:
 class OCC:
     estimator: Literal[
         "ratio_of_means", "mean_of_ratios", "head_change", "output_grad", "exact"
-    ] = "ratio_of_means"
+    ] = "output_grad"
     """How lambda_k is estimated per mini-batch: "ratio_of_means" (paper, Eq. 13) and
     "mean_of_ratios" (reference code), both from head k's gap l^k - l_old; "head_change"
     (head k's own log-prob change since the step began, a regression of the main head's
     change on it); "output_grad" (beta <g, g_m^k> / ||g_m^k||^2 restricted to the output
     head, computed exactly from the forward pass: no extra backward); "exact" (the same
     over every shared parameter from real gradients: K + 1 backward passes per mini-batch,
-    small models only)"""
-
-    beta: float = field(default=1.0, metadata={"ge": 0})
-    """estimators "exact" and "output_grad": lambda_k = beta <g, g_m^k> / ||g_m^k||^2. beta
-    stands for the unknown (1 - L eta) / (L eta) of OCC_SPEC §3; beta = 1 adds to g its
-    own projection on g_m^k. Not the fixed regimes' c"""
+    small models only). The default tracks exact lambda* best of the cheap ones (README)"""
 
     eps: float = field(default=1e-8, metadata={"gt": 0})
     """Numerical floor for the denominator of the OCC ratio"""
@@ -95,6 +90,11 @@ class OCC:
 
     clamp_max: float | None = None
     """Upper clamp of the OCC correction (None = unclamped)"""
+
+    beta: float = field(default=1.0, metadata={"ge": 0})
+    """estimators "exact" and "output_grad": lambda_k = beta <g, g_m^k> / ||g_m^k||^2. beta
+    stands for the unknown (1 - L eta) / (L eta) of OCC_SPEC §3; beta = 1 adds to g its
+    own projection on g_m^k. Not the fixed regimes' c"""
 
 
 @dataclass

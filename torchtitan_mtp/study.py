@@ -108,8 +108,8 @@ def _run_matrix(
 ) -> list[str]:
     """Every unfinished (variant, seed) run, ``parallel`` at a time -> failures."""
     pending = []
-    for variant in config.study.variants:
-        for seed in config.study.seeds:
+    for seed in config.study.seeds:  # seed-major: a stopped study has whole seeds to pair
+        for variant in config.study.variants:
             run = root / "runs" / variant / f"seed{seed}"
             if not (run / "done.json").is_file():
                 pending.append((variant, seed, run))

@@ -577,7 +577,10 @@ class RLTrainer(Trainer):
                 "occ/correlation_proxy": a,
                 "occ/penalty_proxy": v,
                 "occ/coefficient": lam,
-                "occ/relative_coefficient": None if lam is None else lam / self.base,
+                # lambda / (c/K): a collapse shows (undefined when c = 0, a frozen draft)
+                "occ/relative_coefficient": lam / self.base
+                if lam is not None and self.base
+                else None,
             }
             if None not in (a, v, lam):
                 weight = (
