@@ -29,14 +29,14 @@ def test_quick_preset_runs_end_to_end_writes_plots_and_table_and_never_redoes_a_
                  "acceptance.png"):  # fmt: skip
         assert (report / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     table = (report / "study.md").read_text()
-    for variant in ("detach", "occ:ratio_of_means", "occ:exact+draft"):
+    for variant in ("detach", "frozen", "occ:ratio_of_means", "occ:exact+draft"):
         assert f"| {variant} |" in table
     assert "| output_grad | 1 |" in table and "Spearman" in table
     summary = json.loads((report / "summary.json").read_text())
     assert {row["estimator"] for row in summary["spearman"]} >= {"ratio_of_means", "output_grad"}
     # every run is from the one SFT checkpoint, and exact runs logged exact lambda*
     runs = sorted((tmp_path / "runs").glob("*/seed*"))
-    assert len(runs) == 6 and all((r / "done.json").is_file() for r in runs)
+    assert len(runs) == 8 and all((r / "done.json").is_file() for r in runs)
     assert len(list((tmp_path / "sft" / "checkpoint" / "sft").glob("step-*"))) == 1
     rows = read_minibatches(
         tmp_path / "runs" / "occ:exact+draft" / "seed0" / "occ_minibatches.jsonl"
@@ -47,7 +47,7 @@ def test_quick_preset_runs_end_to_end_writes_plots_and_table_and_never_redoes_a_
     (runs[1] / "done.json").unlink()
     proc = run_study(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "5 runs finished before, 1 to run" in proc.stdout
+    assert "7 runs finished before, 1 to run" in proc.stdout
     assert "SFT stage already finished" in proc.stdout
     assert (runs[0] / "done.json").read_text() == done
 
