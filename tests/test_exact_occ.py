@@ -2,13 +2,12 @@
 on a tiny real model: one process, and two FSDP ranks on gloo."""
 
 import dataclasses
-import socket
 from collections import defaultdict
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import run_two_ranks
 
 from torchtitan_mtp.config import RL
 from torchtitan_mtp.models import MTPTransformer, mtp_flavors, token_logprobs
@@ -200,12 +199,7 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_exact_lambda_and_update_are_the_same_on_two_fsdp_ranks_as_on_one_process(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = str(tmp_path / "rank")
-    mp.start_processes(_fsdp_worker, args=(port, out), nprocs=2, start_method="fork")
-    ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+    ranks = run_two_ranks(_fsdp_worker, tmp_path)
 
     model = make_model()
     batch = make_batch(model)

@@ -1,12 +1,11 @@
 """Optimal Coefficient Calibration (OCC_SPEC §3) against hand computations."""
 
 import math
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import run_two_ranks
 
 from torchtitan_mtp.rl.losses import policy_loss
 from torchtitan_mtp.rl.occ import (
@@ -236,14 +235,7 @@ def _rank_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_group_gives_every_rank_the_single_process_value_over_the_whole_batch(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = str(tmp_path / "rank")
-    # fork: the children reuse the parent's imports (a fresh interpreter would spend
-    # seconds importing TorchTitan); they only touch CPU tensors.
-    mp.start_processes(_rank_worker, args=(port, out), nprocs=2, start_method="fork")
-    ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(2)]
+    ranks = run_two_ranks(_rank_worker, tmp_path)
 
     logp, old, mtp, mask = distributed_batch()
     for est in ("ratio_of_means", "mean_of_ratios", "head_change"):
