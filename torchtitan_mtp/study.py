@@ -224,19 +224,23 @@ def _tail_mean(series: dict[int, float], n: int) -> float:
 # ---------------------------------------------------------------- the report
 
 
-def _band(ax, runs: list[RunResult], tag: str, label: str, smooth: int = 1) -> None:
-    """Mean over seeds with a +-1 sd band of one tag, on the steps every seed has."""
+def _band(
+    ax, runs: list[RunResult], tag: str, label: str, smooth: int = 1, median: bool = False
+) -> None:
+    """Mean over seeds with a +-1 sd band of one tag, on the steps every seed has, after a
+    trailing moving mean (or, with ``median``, moving median) over ``smooth`` steps."""
     series = [r.scalars.get(tag, {}) for r in runs]
     steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
     if not steps:
         return
     values = [[s[t] for t in steps] for s in series]
     if smooth > 1:
-        values = [
-            [sum(v[max(0, i - smooth + 1) : i + 1]) / len(v[max(0, i - smooth + 1) : i + 1])
-             for i in range(len(v))]
-            for v in values
-        ]  # fmt: skip
+
+        def window(v: list[float], i: int) -> float:
+            w = sorted(v[max(0, i - smooth + 1) : i + 1])
+            return w[len(w) // 2] if median else sum(w) / len(w)
+
+        values = [[window(v, i) for i in range(len(v))] for v in values]
     stats = [_mean_sd([v[i] for v in values]) for i in range(len(steps))]
     mean = [m for m, _ in stats]
     sd = [s for _, s in stats]
@@ -308,9 +312,12 @@ def write_report(config: MTPJobConfig, root: Path) -> Path:
     tags = ("occ/correlation_proxy/head1", "occ/penalty_proxy/head1", "occ/coefficient/head1")
     for v in variants:
         for ax, tag in zip(axes, tags, strict=True):
-            _band(ax, by_variant[v], tag, v, smooth=5)
+            _band(ax, by_variant[v], tag, v, smooth=9, median=True)
     for ax, tag in zip(axes, ("A_1", "V_1", "lambda_1"), strict=True):
-        ax.set(title=f"{tag} (5-step moving mean; exact: <g,g_m>, ||g_m||^2)", xlabel="RL step")
+        ax.set(title=f"{tag} (9-step moving median)", xlabel="RL step")
+        ax.set_yscale("symlog", linthresh=1e-4)
+    axes[0].set_title("A_1 (exact runs: <g, g_m>; 9-step moving median)")
+    axes[1].set_title("V_1 (exact runs: ||g_m||^2; 9-step moving median)")
     axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(report / "occ_proxies.png", dpi=110)
