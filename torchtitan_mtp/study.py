@@ -11,7 +11,8 @@ run from that same SFT checkpoint, then writes plots and a markdown table:
 
 Resumable: a run with ``done.json`` is never redone; an interrupted run resumes from its
 own last RL checkpoint; a finished SFT stage is reused. Extra command-line arguments go to
-every run (``--rl.steps 200``); ``--study.seeds 0 1`` etc. change the matrix. Runs go
+every run (``--rl.steps 200``); ``--study.seeds 0 1`` (spaces) and ``--study.variants
+detach,occ:exact`` (commas, TorchTitan's list-of-strings syntax) change the matrix. Runs go
 ``[study] parallel`` at a time, one process and one thread each. ``--report-only``
 rewrites the report from the runs on disk.
 
