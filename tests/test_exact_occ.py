@@ -148,13 +148,13 @@ def test_output_grad_estimator_is_the_exact_product_over_the_output_head():
     objective.output_grad = True
     with torch.no_grad():
         objective(model, batch, counts, defaultdict(float))
-    sums = objective.records[-1]
+    sums = objective.records[-1]["sums"]
     products = exact_products(model, make_objective(), [batch], counts)
     inner, sq = products.groups["output"]
     torch.testing.assert_close(sums["out_inner"].double(), inner, rtol=1e-4, atol=1e-10)
     torch.testing.assert_close(sums["out_sq"].double(), sq, rtol=1e-4, atol=1e-10)
     want = (BETA * inner / sq).float()
-    torch.testing.assert_close(sums["applied"], want, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(objective.records[-1]["applied"], want, rtol=1e-4, atol=1e-8)
 
 
 def test_shared_parameters_are_everything_outside_the_mtp_modules():
@@ -216,7 +216,7 @@ def test_exact_lambda_and_update_are_the_same_on_two_fsdp_ranks_as_on_one_proces
     # the output_grad estimator: G all-reduced before the products, same lambda everywhere
     inner, sq = products.groups["output"]
     for rank in ranks:
-        record = rank["output_grad"]
+        record = rank["output_grad"]["sums"]
         torch.testing.assert_close(record["out_inner"].double(), inner, rtol=1e-4, atol=1e-10)
         torch.testing.assert_close(record["out_sq"].double(), sq, rtol=1e-4, atol=1e-10)
     assert torch.equal(ranks[0]["output_grad"]["applied"], ranks[1]["output_grad"]["applied"])

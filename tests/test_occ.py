@@ -12,7 +12,6 @@ from torchtitan_mtp.rl.occ import (
     OCCCalibrator,
     occ_coefficient,
     occ_statistics,
-    proxy_sums,
     scaled_head_policy_loss,
 )
 
@@ -77,14 +76,6 @@ def test_head_change_regresses_the_main_change_on_the_heads_own_change():
     assert stats.coefficient.item() == pytest.approx(BASE * a / v, rel=1e-5)
     with pytest.raises(ValueError, match="old_mtp_logp"):
         occ_statistics(LOGP, OLD, MTP, MASK, base=BASE, estimator="head_change")
-
-
-def test_advantage_weighted_sums_are_recorded():
-    adv = torch.tensor([[1.0, -1.0, 2.0], [0.5, NAN, 7.0]])
-    sums = proxy_sums(LOGP, OLD, MTP, MASK, advantages=adv)
-    assert sums["adv_main"].item() == pytest.approx(0.2 + 0.1 + 0.6 + 0.05, rel=1e-5)
-    assert sums["adv_gap"].item() == pytest.approx(0.1 - 0.2 + 0.6 - 0.1, rel=1e-5)
-    assert sums["adv_abs"].item() == pytest.approx(4.5, rel=1e-5)
 
 
 def test_coefficient_never_requires_grad():

@@ -93,8 +93,8 @@ def test_occ_lambda_is_nonzero_once_the_policy_has_moved_and_is_logged():
     obj = objective("occ")
     obj(model, batch, counts, log)
     (record,) = obj.records  # one per call with a log: the trainer's per-mini-batch rows
-    assert (record["applied"] != 0.0).all() and (record["penalty"] > 0.0).all()
-    assert (record["count"] > 0).all() and "gap_prod" in record
+    assert (record["applied"] != 0.0).all() and (record["sums"]["gap_sq"] > 0.0).all()
+    assert (record["sums"]["count"] > 0).all() and "gap_ratio" in record["sums"]
     for k in range(1, K + 1):
         assert f"mtp/ce_loss/head{k}" in log and f"mtp/pg_loss/head{k}" in log
     obj(model, batch, counts)  # without a log: nothing recorded
@@ -124,3 +124,14 @@ def test_diagnostic_losses_are_the_main_surrogate_and_each_heads_mtp_loss():
     assert len(heads) == K
     full = objective("policy", base=1.0)(model, batch, counts)
     torch.testing.assert_close(full, main + sum(heads))
+
+
+@pytest.mark.parametrize("regime", ["detach", "ce", "policy"])
+def test_fixed_regimes_record_the_output_grad_estimator_beside_their_coefficient(regime):
+    # the proxies are computed under every regime, also the default output_grad one
+    model, batch, counts = model_and_batch()
+    obj = RLObjective(RL(), regime, K, 0.05, OCCCalibrator(base=0.05, estimator="output_grad"))
+    obj(model, batch, counts, defaultdict(float)).backward()
+    record = obj.records[-1]
+    assert (record["sums"]["out_sq"] > 0).all()
+    torch.testing.assert_close(record["applied"], torch.full((K,), 0.05))

@@ -80,10 +80,12 @@ class RLObjective:
     """"ce": cross-entropy of a detached second pass of the MTP modules (MTP-only grads)."""
     draft_coefficient: float = 1.0
     output_grad: bool = False
-    """Compute ``occ.output_gradient_sums`` (the "output_grad" estimator's statistics)."""
-    records: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    """Per call with ``log``: the proxy sums and the applied coefficients [K] (the trainer
-    collects them per mini-batch and clears the list)."""
+    """Compute ``occ.output_gradient_sums`` (the "output_grad" estimator's statistics) even
+    when the calibrator's estimator does not need them (exact OCC, diagnostics)."""
+    records: list[dict] = field(default_factory=list)
+    """Per call with ``log``: {"sums": the global proxy sums (``occ.proxy_sums``, plus
+    ``output_gradient_sums``), "applied": the applied coefficients [K]}; the trainer
+    collects them per mini-batch and clears the list."""
 
     def _policy_kwargs(self, logp, batch, mask, tokens, seqs) -> dict:
         rl = self.rl
@@ -167,7 +169,6 @@ class RLObjective:
             stats.mask[1:],
             old_mtp,
             exact,
-            advantages=batch.advantages,
             output_grad=output_grad,
         )
         total = torch.zeros((), device=stats.logp.device)
@@ -188,15 +189,7 @@ class RLObjective:
             log[f"mtp/ce_loss/head{k}"] += ce.detach().item()
             log[f"_top1/head{k}"] += (stats.top1[k] & mask).sum().item()
             log[f"_tokens/head{k}"] += mask.sum().item()
-        self.records.append(
-            {
-                **{name: v.cpu() for name, v in occ.sums.items()},
-                "applied": applied,
-                "correlation": occ.correlation.cpu(),
-                "penalty": occ.penalty.cpu(),
-                "gain": occ.gain.cpu(),
-            }
-        )
+        self.records.append({"sums": {n: v.cpu() for n, v in occ.sums.items()}, "applied": applied})
         return total
 
     def draft_term(
@@ -290,7 +283,7 @@ class RLObjective:
         if self.num_mtp:
             records = len(self.records)
             out = None
-            if self.output_grad:
+            if self.output_grad or self.calibrator.estimator == "output_grad":
                 out = self._output_grad_sums(model, hidden, stats, batch, counts)
             term = self.mtp_term(stats, batch, counts, log, exact, out)
             if not record:

@@ -122,35 +122,25 @@ def proxy_sums(
     old_mtp_logp: torch.Tensor | None = None,
     eps: float = 1e-8,
     group: dist.ProcessGroup | None = None,
-    advantages: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Token sums behind every proxy estimator, global over ``group``; float32 [*heads].
 
     Keys: ``count`` (valid tokens), ``gap_prod`` = sum delta * delta_k, ``gap_sq`` = sum
     delta_k^2, ``gap_ratio`` = sum delta delta_k / (delta_k^2 + eps) (delta_k = l^k - l_old,
-    the head's gap to the behaviour policy), ``main_sq`` = sum delta^2, and with
-    ``old_mtp_logp`` ``own_prod`` = sum delta * c_k, ``own_sq`` = sum c_k^2 with
-    c_k = l^k - l^k_old, head k's own log-prob change since the step's old log-probs.
-    With ``advantages`` [B, S]: ``adv_main`` = sum A delta, ``adv_gap`` = sum A delta_k,
-    ``adv_own`` = sum A c_k, ``adv_abs`` = sum |A| (advantage-weighted changes).
+    the head's gap to the behaviour policy), and with ``old_mtp_logp`` ``own_prod`` =
+    sum delta * c_k, ``own_sq`` = sum c_k^2 with c_k = l^k - l^k_old, head k's own
+    log-prob change since the step's old log-probs.
     """
     mask = mask.bool()
     # where, not multiplication: padding may hold NaN/inf and must not leak into a sum
     delta = torch.where(mask, logp.float() - old_logp.float(), 0.0)
     gap = torch.where(mask, mtp_logp.float() - old_logp.float(), 0.0)
-    names = ["count", "gap_prod", "gap_sq", "gap_ratio", "main_sq"]
-    rows = [mask.float(), delta * gap, gap**2, delta * gap / (gap**2 + eps), delta**2]
+    names = ["count", "gap_prod", "gap_sq", "gap_ratio"]
+    rows = [mask.float(), delta * gap, gap**2, delta * gap / (gap**2 + eps)]
     if old_mtp_logp is not None:
         own = torch.where(mask, mtp_logp.float() - old_mtp_logp.float(), 0.0)
         names += ["own_prod", "own_sq"]
         rows += [delta * own, own**2]
-    if advantages is not None:
-        adv = torch.where(mask, advantages.float(), 0.0)
-        names += ["adv_main", "adv_gap", "adv_abs"]
-        rows += [adv * delta, adv * gap, adv.abs()]
-        if old_mtp_logp is not None:
-            names.append("adv_own")
-            rows.append(adv * own)
     sums = torch.stack([r.sum(dim=(-2, -1)) for r in rows])  # [n, *heads]
     if group is not None:
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
@@ -181,10 +171,10 @@ def output_gradient_sums(
     The ascent direction of a loss on ``W`` is ``G = sum_i e_i h_i^T`` with the logit-space
     direction ``e_i = w_i (onehot(y_i) - softmax(W h_i))`` at every prediction position i
     (``w_i = -d loss / d logp_i``). With G_0 for the main loss and G_k for head k's:
-    ``out_inner`` [K] = <G_0, G_k>, ``out_sq`` [K] = ||G_k||^2, ``out_main_sq`` [K] =
-    ||G_0||^2. Global: the G are all-reduced over ``group`` before the products. Cost: the
-    heads' logits once more and one [H, V, D] matrix (tied embeddings: the embedding's
-    input-side gradient is not included).
+    ``out_inner`` [K] = <G_0, G_k>, ``out_sq`` [K] = ||G_k||^2. Global: the G are
+    all-reduced over ``group`` before the products. Cost: the heads' logits once more and
+    one [H, V, D] matrix (tied embeddings: the embedding's input-side gradient is not
+    included).
 
     Args:
         weight: [V, D] the full output-head weight.
@@ -208,7 +198,6 @@ def output_gradient_sums(
     return {
         "out_inner": flat[1:] @ flat[0],
         "out_sq": (flat[1:] ** 2).sum(dim=1),
-        "out_main_sq": (flat[0] ** 2).sum().expand(num_heads - 1),
     }
 
 
@@ -256,7 +245,6 @@ def occ_statistics(
     estimator: Estimator = "ratio_of_means",
     group: dist.ProcessGroup | None = None,
     old_mtp_logp: torch.Tensor | None = None,
-    advantages: torch.Tensor | None = None,
     output_grad: dict[str, torch.Tensor] | None = None,
     beta: float = 1.0,
 ) -> OCCStats:
@@ -269,7 +257,6 @@ def occ_statistics(
         base: c / K.
         old_mtp_logp: like ``mtp_logp``, the heads' log-probs at the step's old policy
             (needed by "head_change").
-        advantages: [B, S], adds the advantage-weighted sums (recorded, not an estimator).
         output_grad: ``output_gradient_sums`` (needed by "output_grad", scaled by ``beta``).
 
     Returns:
@@ -277,7 +264,7 @@ def occ_statistics(
     """
     if estimator not in PROXY_ESTIMATORS:
         raise ValueError(f"unknown OCC estimator {estimator!r}")
-    sums = proxy_sums(logp, old_logp, mtp_logp, mask, old_mtp_logp, eps, group, advantages)
+    sums = proxy_sums(logp, old_logp, mtp_logp, mask, old_mtp_logp, eps, group)
     sums.update(output_grad or {})
     correlation, penalty, coefficient = proxy_estimate(sums, estimator, base, eps, beta)
     gain = _gain(beta if estimator == "output_grad" else base, coefficient, correlation, penalty)
@@ -373,14 +360,12 @@ class OCCCalibrator:
         mtp_mask: torch.Tensor,
         old_mtp_logp: torch.Tensor | None = None,
         exact: tuple[torch.Tensor, torch.Tensor] | None = None,
-        advantages: torch.Tensor | None = None,
         output_grad: dict[str, torch.Tensor] | None = None,
     ) -> OCCStats:
         """logp, old_logp [B, S]; mtp_logp, mtp_mask [K, B, S] -> ``OCCStats`` of [K].
 
         ``old_mtp_logp`` [K, B, S]: the heads' old log-probs (for "head_change");
-        ``advantages`` [B, S] (recorded sums); ``output_grad``: ``output_gradient_sums``
-        (for "output_grad").
+        ``output_grad``: ``output_gradient_sums`` (for "output_grad").
         ``exact``: (<g, g_m^k>, ||g_m^k||^2) [K] from real gradients; with the "exact"
         estimator they are A_k, V_k and give lambda_k (the proxy sums are still computed
         for comparison). The coefficient is clamped to [clamp_min, clamp_max] when set;
@@ -399,7 +384,6 @@ class OCCCalibrator:
             estimator=proxy,
             group=self.group,
             old_mtp_logp=old_mtp_logp,
-            advantages=advantages,
             output_grad=output_grad,
             beta=self.beta,
         )

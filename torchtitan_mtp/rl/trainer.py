@@ -57,12 +57,6 @@ from .occ import PROXY_ESTIMATORS, OCCCalibrator, proxy_estimate
 
 # Estimators informative on a step's first mini-batch too (no log-prob change needed).
 _GRADIENT_ESTIMATORS = ("exact", "output_grad")
-_SUM_KEYS = (
-    "count", "gap_prod", "gap_sq", "gap_ratio", "main_sq", "own_prod", "own_sq",
-    "adv_main", "adv_gap", "adv_own", "adv_abs",
-    "out_inner", "out_sq", "out_main_sq",
-)  # fmt: skip
-
 __all__ = ["RLTrainer", "rl_stage_config"]
 
 
@@ -154,11 +148,9 @@ class RLTrainer(Trainer):
         )
         self.exact_occ = self.regime == "occ" and occ.estimator == "exact"
         # The output-head gradient products: for the estimator, or to compare with exact.
-        self.objective.output_grad = bool(self.num_mtp) and (
-            (self.regime == "occ" and occ.estimator == "output_grad")
-            or self.exact_occ
-            or bool(rl.diagnostics_every)
-        )
+        # The output-head products beside exact ones (for comparison); with diagnostics
+        # only on their steps (train_step). The output_grad estimator computes its own.
+        self.objective.output_grad = self.exact_occ
         self.minibatch_log = os.path.join(job_config.job.dump_folder, "occ_minibatches.jsonl")
         _, self.heldout = rl_prompt_splits(job_config)
         # Chat-rendered prompts carry their own special tokens; plain ones get <bos>.
@@ -392,6 +384,7 @@ class RLTrainer(Trainer):
         num_rows, grad_norms, records = batch.inputs.shape[0], [], []
         bounds = torch.linspace(0, num_rows, rl.mini_batches + 1).round().long().tolist()
         diagnose = bool(rl.diagnostics_every) and step % rl.diagnostics_every == 0
+        self.objective.output_grad = self.exact_occ or diagnose
         t_exact = 0.0
         for epoch in range(rl.ppo_epochs):
             for index, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
@@ -487,15 +480,13 @@ class RLTrainer(Trainer):
             "sq_norm": products.sq_norm,
             "lambda": lam,
             "cosine": products.cosine,
-            "main_sq": torch.tensor(products.main_sq_norm),
             **{f"inner_{g}": v[0] for g, v in products.groups.items()},
             **{f"sq_{g}": v[1] for g, v in products.groups.items()},
         }
         if self.exact_occ:
             applied = calibrator.clamp(lam.float())
             for record in self.objective.records:  # the main pass did not know lambda yet
-                record.update(applied=applied, correlation=products.inner.float(),
-                              penalty=products.sq_norm.float())  # fmt: skip
+                record["applied"] = applied
             apply_exact_gradients(self.model, products, applied)
         return out
 
@@ -510,7 +501,7 @@ class RLTrainer(Trainer):
         row: dict[str, float] = {"step": step, "epoch": epoch, "minibatch": index}
         if not calls or not self.num_mtp:
             return row
-        sums = {key: sum(c[key] for c in calls) for key in calls[0] if key in _SUM_KEYS}
+        sums = {key: sum(c["sums"][key] for c in calls) for key in calls[0]["sums"]}
         applied = sum(c["applied"] for c in calls) / len(calls)
         base, eps = self.base, self.objective.calibrator.eps
         for k in range(self.num_mtp):
@@ -537,7 +528,6 @@ class RLTrainer(Trainer):
                 for group in ("output", "embedding", "trunk"):
                     row[f"A/exact_{group}/{head}"] = float(exact[f"inner_{group}"][k])
                     row[f"V/exact_{group}/{head}"] = float(exact[f"sq_{group}"][k])
-                row["main_sq/exact"] = float(exact["main_sq"])
         return row
 
     def _write_minibatch_records(self, records: list[dict[str, float]]) -> None:
