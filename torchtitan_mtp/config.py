@@ -20,10 +20,12 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal
 
 from torchtitan.config import ConfigManager, JobConfig
+from torchtitan.config.job_config import Checkpoint as TitanCheckpoint
 from torchtitan.config.job_config import Model as TitanModel
 
 __all__ = [
     "MTP",
+    "Checkpoint",
     "OCC",
     "RL",
     "ConfigError",
@@ -215,7 +217,12 @@ class Reward:
     """math_verify: worker processes"""
 
     timeout_s: float = field(default=5.0, metadata={"gt": 0})
-    """math_verify: per-answer timeout; a timed-out answer scores 0 and is counted"""
+    """math_verify: per-answer timeout; a timed-out answer scores 0 and is counted, and only
+    the worker that ran it is replaced"""
+
+    batch_timeout_s: float | None = field(default=None, metadata={"gt": 0})
+    """math_verify: wall-clock bound of one batch of answers; answers still unscored then
+    score 0 and are counted as "batch_timeout". None = no bound"""
 
 
 @dataclass
@@ -260,6 +267,11 @@ class Data:
 
     seed: int = 1234
     """Seed of the data generator"""
+
+    skip_invalid_rows: bool = False
+    """data.name = "file": skip (and count) rows that are malformed or whose prompt cannot
+    fit training.seq_len with rollout.max_new_tokens; false = such a row is an error naming
+    the file and row"""
 
     sft_carry_error_rate: float = field(default=0.0, metadata={"ge": 0, "le": 1})
     """Fraction of SFT answers from an imperfect teacher that drops carries (a+b digit-wise
@@ -316,10 +328,19 @@ class Model(TitanModel):
 
 
 @dataclass
+class Checkpoint(TitanCheckpoint):
+    on_damaged: Literal["fallback", "refuse"] = "fallback"
+    """A checkpoint step that is incomplete or fails its checksums on load: "fallback"
+    moves it aside (to ``step-N.damaged``) with a warning and loads the previous complete
+    step (or the warm start); "refuse" stops with an error naming the bad file"""
+
+
+@dataclass
 class MTPJobConfig(JobConfig):
     """TorchTitan's JobConfig plus the sections of torchtitan_mtp."""
 
     model: Model = field(default_factory=Model)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
     mtp: MTP = field(default_factory=MTP)
     occ: OCC = field(default_factory=OCC)
     rl: RL = field(default_factory=RL)
