@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -86,7 +87,7 @@ def test_toml_values_land_in_every_section(tmp_path):
         [rollout]
         engine = "vllm"
         [reward]
-        function = "contains"
+        function = "math_verify"
         [data]
         max_digits = 4
         num_train = 100
@@ -105,7 +106,7 @@ def test_toml_values_land_in_every_section(tmp_path):
     assert config.mtp == MTP(3, "occ", 0.5, "last_block", 256)
     assert config.occ == OCC("mean_of_ratios", 1e-8, "loss", 0.5, 2.0)
     assert config.rl.steps == 7 and config.rollout.engine == "vllm"
-    assert config.reward.function == "contains" and config.eval.every_steps == 3
+    assert config.reward.function == "math_verify" and config.eval.every_steps == 3
     assert config.data == Data(max_digits=4, num_train=100, num_heldout=10, seed=5)
     assert config.training.steps == 11 and config.training.dataloader.num_workers == 2
 
@@ -277,18 +278,19 @@ def test_seq_len_not_divisible_by_tensor_parallel_degree_is_rejected(tmp_path):
     )
 
 
-def test_seq_len_divisible_by_tensor_parallel_degree_is_accepted(tmp_path):
+def test_seq_len_divisible_by_tensor_parallel_degree_is_accepted(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
     toml = "[training]\nseq_len = 96\n[parallelism]\ntensor_parallel_degree = 3\n"
     assert parse_toml(tmp_path, toml).parallelism.tensor_parallel_degree == 3
 
 
 def test_local_batch_size_below_one_is_rejected(tmp_path):
     message = toml_error(tmp_path, "[training]\nlocal_batch_size = 0\n")
-    assert "training.local_batch_size = 0 must be >= 1" in message
+    assert "training.local_batch_size = 0 is out of range; allowed: >= 1" in message
 
 
 def test_negative_training_steps_is_rejected():
-    with pytest.raises(ConfigError, match="training.steps = -1 must be >= 0"):
+    with pytest.raises(ConfigError, match="training.steps = -1 is out of range; allowed: >= 0"):
         parse_job_config(["--training.steps", "-1"])
 
 
@@ -339,3 +341,85 @@ def test_repo_train_config_parses_and_validates(path):
 def test_rl_after_sft_without_checkpointing_is_an_error_saying_why(tmp_path):
     with pytest.raises(ConfigError, match="warm-starts from the SFT stage's last checkpoint"):
         parse_toml(tmp_path, "[rl]\nsteps = 2\n[training]\nsteps = 3\n")
+
+
+# --- TorchTitan-owned keys: checked at parse time like ours (issue #11) -------------------
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--training.max_norm", "-1"], "training.max_norm = -1.0 is out of range; allowed: > 0"),
+        (["--checkpoint.interval", "0"], "checkpoint.interval = 0 is out of range; allowed: > 0"),
+        (["--optimizer.lr", "-3e-3"], "optimizer.lr = -0.003 is out of range; allowed: >= 0"),
+        (["--rl.lr", "inf"], "rl.lr = inf is not a finite number"),
+        (["--occ.eps", "nan"], "occ.eps = nan is not a finite number"),
+        (
+            ["--model.flavor", "debgu"],
+            "model.flavor = 'debgu' is not valid (did you mean 'debug'?)",
+        ),
+        (["--optimizer.name", "Adamw"], "optimizer.name = 'Adamw' is not valid (did you mean "),
+        (["--model.name", "llama3"], "model.name = 'llama3' is not valid"),
+        (["--lr_scheduler.min_lr_factor", "2"], "lr_scheduler.min_lr_factor = 2.0 is out of range"),
+    ],
+)
+def test_torchtitan_keys_are_validated_at_parse_time(args, expected):
+    with pytest.raises(ConfigError) as e:
+        parse_job_config(["--job.config_file", "train_configs/debug_occ.toml", *args])
+    assert expected in str(e.value)
+    assert str(e.value).startswith("train_configs/debug_occ.toml + command line: ")
+
+
+def test_torchtitan_key_in_toml_names_the_file(tmp_path):
+    message = toml_error(tmp_path, "[training]\nmax_norm = -1\n")
+    assert message.endswith("job.toml: training.max_norm = -1 is out of range; allowed: > 0")
+
+
+def test_optimizer_name_suggests_the_case_insensitive_match():
+    with pytest.raises(ConfigError, match="did you mean 'AdamW'"):
+        parse_job_config(["--optimizer.name", "adamw"])
+
+
+def test_parallel_degrees_are_checked_against_the_processes(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(
+        ConfigError,
+        match=r"tensor_parallel_degree = 3 must divide the number "
+        r"of processes, 1 \(WORLD_SIZE",
+    ):
+        parse_job_config(["--parallelism.tensor_parallel_degree", "3"])
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="must equal the number of processes, 4"):
+        parse_job_config(["--parallelism.data_parallel_shard_degree", "2"])
+
+
+def test_rl_prompts_must_divide_by_the_data_parallel_degree_at_parse_time(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = ["--job.config_file", "train_configs/debug_occ.toml", "--rl.prompts_per_step", "33"]
+    with pytest.raises(
+        ConfigError,
+        match="rl.prompts_per_step = 33 must be divisible by the data-parallel degree 2",
+    ):
+        parse_job_config(args)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert parse_job_config(args).rl.prompts_per_step == 33
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("nosuch", "reward.function = 'nosuch' is unknown"),
+        ("os.path:nosuch", "'os.path' has no attribute 'nosuch'"),
+        ("no_such_module_xyz:f", "module 'no_such_module_xyz' not found"),
+    ],
+)
+def test_reward_function_is_resolved_at_parse_time(name, expected):
+    args = ["--job.config_file", "train_configs/debug_occ.toml", "--reward.function", name]
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        parse_job_config(args)
+
+
+def test_defaults_name_this_packages_model_and_dataset():
+    config = MTPJobConfig()
+    assert (config.model.name, config.model.flavor) == ("mtp_transformer", "debug")
+    assert config.training.dataset == "arithmetic"

