@@ -245,3 +245,69 @@ def test_chat_template_from_tokenizer_config(tmp_path):
     assert plain.prompt == "[What is 2+2?]"
     with pytest.raises(Exception, match="only user"):
         apply_chat_template(records, chat_template="{{ raise_exception('only user') }}")
+
+
+@pytest.mark.parametrize(
+    "bad_row, message",
+    [
+        ({"question": ["q"], "answer": "1"}, r"line 3: column 'question' is a list, not a string"),
+        ('{"question": "q", "answer": ', r"line 3: malformed JSON"),
+        ("[1, 2]", r"line 3: expected a JSON object"),
+    ],
+)
+def test_skipped_rows_are_left_out_and_described(tmp_path, bad_row, message):
+    good = [{"question": f"q{i}", "answer": "#### 1"} for i in range(3)]
+    path = _jsonl(tmp_path / "broken.jsonl", [good[0], good[1], bad_row, good[2]])
+    skipped: list[str] = []
+    records = load_prompt_dataset(path, answer_transform="gsm8k", skipped=skipped)
+    assert [r.prompt for r in records] == ["q0", "q1", "q2"]
+    assert [r.row for r in records] == [1, 2, 4]
+    assert len(skipped) == 1 and re.match(re.escape(str(path)) + ": " + message, skipped[0])
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "bytes.jsonl"
+    path.write_bytes(
+        b'{"question": "1+1=", "answer": "2"}\n{"question": "a\xff\xfe", "answer": "3"}\n'
+    )
+    with pytest.raises(ValueError, match=re.escape(f"{path}: line 2: invalid UTF-8 at byte")):
+        load_prompt_dataset(path)
+    skipped: list[str] = []
+    assert [r.answer for r in load_prompt_dataset(path, skipped=skipped)] == ["2"]
+    assert "line 2: invalid UTF-8" in skipped[0]
+
+
+# ------------------------------------------------------------------ the job's splits
+
+
+def _file_job(tmp_path, rows, *extra):
+    from torchtitan_mtp.config import parse_job_config
+
+    path = _jsonl(tmp_path / "prompts.jsonl", rows)
+    args = ["--job.config_file", "train_configs/debug_occ.toml", "--training.steps", "0"]
+    args += ["--data.name", "file", "--data.path", str(path), *extra]
+    return parse_job_config(args), path
+
+
+def test_a_prompt_longer_than_the_model_is_named_at_load(tmp_path):
+    from torchtitan_mtp.data.tasks import rl_prompt_splits
+
+    rows = [{"question": f"{i}+1=", "answer": str(i + 1)} for i in range(36)]
+    rows[20]["question"] = "1" * 100_000 + "+1="
+    config, path = _file_job(tmp_path, rows, "--data.num_heldout", "4")
+    with pytest.raises(ValueError) as e:
+        rl_prompt_splits(config)
+    assert f"{path}: line 21: the prompt is 100004 tokens" in str(e.value)
+    assert "rollout.max_new_tokens = 8 it exceeds training.seq_len = 16" in str(e.value)
+    config.data.skip_invalid_rows = True
+    train, heldout = rl_prompt_splits(config)
+    assert len(train) + len(heldout) == 35 and all(len(p.prompt) < 10 for p in train)
+
+
+def test_num_heldout_that_takes_every_row_is_an_error(tmp_path):
+    from torchtitan_mtp.data.tasks import rl_prompt_splits
+
+    rows = [{"question": f"{i}+1=", "answer": str(i + 1)} for i in range(3)]
+    config, path = _file_job(tmp_path, rows, "--data.num_heldout", "4")
+    with pytest.raises(ValueError, match=r"has 3 usable rows, and data.num_heldout = 4"):
+        rl_prompt_splits(config)

@@ -120,9 +120,17 @@ ANSWER_TRANSFORMS: dict[str, Callable[[str], str]] = {
 
 
 def _load_rows(
-    path: Path, split: str, columns: Sequence[str], limit: int | None
+    path: Path,
+    split: str,
+    columns: Sequence[str],
+    limit: int | None,
+    skipped: list[str] | None = None,
 ) -> tuple[list[dict[str, Any]], list[int]]:
-    """-> (rows of ``columns``, each row's number) from a local file, through HF datasets."""
+    """-> (rows of ``columns``, each row's number) from a local file, through HF datasets.
+
+    A jsonl line that is not UTF-8, not JSON or not an object raises ``ValueError`` naming
+    the line; with ``skipped`` given it is left out and described there instead.
+    """
     import datasets
 
     suffix = path.suffix.lower()
@@ -130,7 +138,12 @@ def _load_rows(
     if builder is None:
         raise ValueError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .json or .parquet")
     if suffix == ".jsonl":
-        _check_jsonl(path)  # malformed lines: name the line ourselves
+        bad = _check_jsonl(path)  # malformed lines: name the line ourselves
+        if bad and skipped is None:
+            raise ValueError(bad[0][1])
+        if bad:
+            skipped += [message for _, message in bad]
+            return _parsed_jsonl(path, {n for n, _ in bad}, columns, limit)
     datasets.disable_progress_bars()
     try:
         data = datasets.load_dataset(builder, data_files=str(path), split=split)
@@ -146,7 +159,10 @@ def _load_rows(
         data = data.select_columns(list(dict.fromkeys(columns)))
     if limit is not None and limit < len(data):
         data = data.select(range(limit))
-    rows = data.to_list()
+    try:
+        rows = data.to_list()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: a row is not valid UTF-8: {e}") from None
     numbers = list(range(1, len(rows) + 1))
     if suffix == ".jsonl" and split == "train":
         lines = [n for n, line in enumerate(_read_lines(path), 1) if line.strip()]
@@ -160,18 +176,44 @@ def _read_lines(path: Path) -> Iterable[str]:
         yield from f
 
 
-def _check_jsonl(path: Path) -> None:
-    for number, line in enumerate(_read_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {number}: malformed JSON: {e}") from None
-        if not isinstance(value, dict):
-            raise ValueError(
-                f"{path}: line {number}: expected a JSON object, got {type(value).__name__}"
-            )
+def _check_jsonl(path: Path) -> list[tuple[int, str]]:
+    """(line, message) of every line that is not UTF-8, not JSON or not a JSON object."""
+    bad = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad.append((number, f"{path}: line {number}: invalid UTF-8 at byte {e.start}"))
+                continue
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                bad.append((number, f"{path}: line {number}: malformed JSON: {e}"))
+                continue
+            if not isinstance(value, dict):
+                kind = type(value).__name__
+                bad.append((number, f"{path}: line {number}: expected a JSON object, got {kind}"))
+    return bad
+
+
+def _parsed_jsonl(
+    path: Path, bad: set[int], columns: Sequence[str], limit: int | None
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """The good lines of a jsonl file that has bad ones (``[data] skip_invalid_rows``)."""
+    rows, numbers = [], []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            if number in bad or not raw.strip():
+                continue
+            if limit is not None and len(rows) >= limit:
+                break
+            value = json.loads(raw.decode("utf-8"))
+            rows.append({c: value.get(c) for c in columns})
+            numbers.append(number)
+    return rows, numbers
 
 
 def _where(path: Path, row: int) -> str:
@@ -229,6 +271,7 @@ def load_prompt_dataset(
     split: str = "train",
     limit: int | None = None,
     dedupe: bool = False,
+    skipped: list[str] | None = None,
 ) -> list[PromptRecord]:
     """Prompt records from a local .jsonl / .json / .parquet file.
 
@@ -242,7 +285,8 @@ def load_prompt_dataset(
       pairs, keeping the first (the DAPO-Math-17k parquet is reported to repeat each
       problem many times).
 
-    Raises ``ValueError`` naming the file, row and column of the first malformed row.
+    Raises ``ValueError`` naming the file, row and column of the first malformed row; with
+    a ``skipped`` list, malformed rows are left out and described there instead.
     """
     path = Path(path)
     if not path.is_file():
@@ -270,14 +314,9 @@ def load_prompt_dataset(
     else:
         columns = (prompt_column, answer_column)
         prompt_name, answer_name = columns
-    rows, numbers = _load_rows(path, split, columns, None if dedupe else limit)
+    rows, numbers = _load_rows(path, split, columns, None if dedupe else limit, skipped)
 
-    records: list[PromptRecord] = []
-    seen: set[tuple[str, str]] = set()
-    for row, number in zip(rows, numbers, strict=True):
-        if limit is not None and len(records) >= limit:
-            break
-        where = _where(path, number)
+    def fields_of(row: dict[str, Any], where: str) -> tuple[str, str]:
         if layout == "dapo":
             raw_prompt, raw_answer = _dapo_fields(row, where)
         else:
@@ -292,6 +331,20 @@ def load_prompt_dataset(
             raise ValueError(f"{where}: column {answer_name!r}: {e}") from None
         if not isinstance(answer, str) or not answer.strip():
             raise ValueError(f"{where}: column {answer_name!r} gives an empty answer")
+        return prompt, answer
+
+    records: list[PromptRecord] = []
+    seen: set[tuple[str, str]] = set()
+    for row, number in zip(rows, numbers, strict=True):
+        if limit is not None and len(records) >= limit:
+            break
+        try:
+            prompt, answer = fields_of(row, _where(path, number))
+        except ValueError as e:
+            if skipped is None:
+                raise
+            skipped.append(str(e))
+            continue
         if dedupe:
             if (prompt, answer) in seen:
                 continue
