@@ -3,7 +3,6 @@
 The metrics are read back from the TensorBoard files the runs write.
 """
 
-import glob
 import os
 import shutil
 import subprocess
@@ -50,8 +49,7 @@ def run_train(dump: Path, nproc: int, *overrides: str, expect_ok: bool = True) -
 
 
 def scalars(dump: Path) -> dict[str, list[float]]:
-    (log_dir,) = glob.glob(str(dump / "tb" / "*"))
-    events = EventAccumulator(log_dir)
+    events = EventAccumulator(str(dump / "tb" / "sft"))
     events.Reload()
     return {tag: [e.value for e in events.Scalars(tag)] for tag in TAGS}
 

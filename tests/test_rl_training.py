@@ -4,7 +4,6 @@ The warm start is the default job's SFT stage (train_configs/debug_occ.toml); ev
 copies it into its own dump folder, so the job skips SFT and runs only RL steps.
 """
 
-import glob
 import importlib.util
 import os
 import shutil
@@ -69,13 +68,15 @@ def run_job(
     return output
 
 
-def scalars(dump: Path) -> dict[str, dict[int, float]]:
+def scalars(dump: Path, stage: str = "rl") -> dict[str, dict[int, float]]:
+    """tag -> step -> value of one stage's TensorBoard run; a step logged twice fails."""
+    events = EventAccumulator(str(dump / "tb" / stage), size_guidance={"scalars": 0})
+    events.Reload()
     out: dict[str, dict[int, float]] = {}
-    for log_dir in glob.glob(str(dump / "tb" / "*")):
-        events = EventAccumulator(log_dir)
-        events.Reload()
-        for tag in events.Tags()["scalars"]:
-            out.setdefault(tag, {}).update({e.step: e.value for e in events.Scalars(tag)})
+    for tag in events.Tags()["scalars"]:
+        steps = [e.step for e in events.Scalars(tag)]
+        assert len(steps) == len(set(steps)), f"{tag} logged twice at a step: {steps}"
+        out[tag] = {e.step: e.value for e in events.Scalars(tag)}
     return out
 
 
@@ -120,9 +121,13 @@ def test_rl_resume_from_checkpoint_continues_exactly(warm_start, tmp_path):
     resumed = from_warm_start(warm_start, tmp_path / "resumed")
     rl = Path("checkpoint") / "rl"
     shutil.copytree(full / rl / "step-2", resumed / rl / "step-2")
+    # As after a kill at step 4: the logs hold steps 1-4, the last checkpoint is step 2.
+    shutil.copytree(full / "tb", resumed / "tb")
     run_job(resumed, *args)
-    a, b = scalars(full), scalars(resumed)
-    assert sorted(b["rl/reward_mean"]) == [3, 4]
+    a, b = scalars(full), scalars(resumed)  # no step twice (scalars checks)
+    assert sorted(b["rl/reward_mean"]) == [1, 2, 3, 4]
+    sft = scalars(warm_start, "sft")  # the SFT stage's run is its own
+    assert "mtp/ce_loss/head1" in sft and "rl/reward_mean" not in sft
     tags = ("rl/reward_mean", "rl/grad_norm", "rl/kl", "occ/coefficient/head1", "mtp/ce_loss/head2",
             "mtp/accept_rate")  # fmt: skip
     for tag in tags:

@@ -11,6 +11,10 @@ TorchTitan assumes a GPU in three places (see PLATFORM_NOTES "TorchTitan on CPU"
    reduction (``enable_gloo_sum_reduction``); callers normalise losses by global token
    counts anyway.
 
+4. ``torchtitan.distributed.utils.set_pg_timeouts`` (the shorter ``comm.train_timeout_seconds``
+   after the first step) calls a device barrier that gloo rejects; ``set_pg_timeouts``
+   here does the same without it.
+
 Nothing here acts when an accelerator is present.
 """
 
@@ -18,13 +22,16 @@ from __future__ import annotations
 
 import resource
 import sys
+from datetime import timedelta
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 import torch._utils
+import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["HAS_ACCELERATOR", "enable_gloo_sum_reduction", "install"]
+__all__ = ["HAS_ACCELERATOR", "enable_gloo_sum_reduction", "install", "set_pg_timeouts"]
 
 HAS_ACCELERATOR: bool = torch._utils._get_available_device_type() is not None
 
@@ -100,3 +107,22 @@ def enable_gloo_sum_reduction(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_force_sum_reduction_for_comms(True)
+
+
+def set_pg_timeouts(timeout: timedelta, parallel_dims: Any) -> None:
+    """Set every process group's collective timeout (a stuck rank fails the job after it).
+
+    TorchTitan's ``set_pg_timeouts`` on an accelerator; on CPU the same steps (a barrier,
+    then each group of the mesh and the default group) without its device barrier.
+    """
+    if HAS_ACCELERATOR:
+        from torchtitan.distributed import utils as dist_utils
+
+        dist_utils.set_pg_timeouts(timeout, parallel_dims)
+        return
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    meshes = parallel_dims.get_all_one_dimensional_meshes().values()
+    for group in [mesh.get_group() for mesh in meshes] + [None]:
+        dist.distributed_c10d._set_pg_timeout(timeout, group)

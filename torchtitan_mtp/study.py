@@ -181,7 +181,7 @@ def load_run(run: Path, variant: str, seed: int) -> RunResult:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     scalars: dict[str, dict[int, float]] = {}
-    for log_dir in sorted((run / "tb").glob("*")):
+    for log_dir in sorted({p.parent for p in (run / "tb").rglob("events.out.tfevents.*")}):
         events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
         events.Reload()
         for tag in events.Tags()["scalars"]:

@@ -160,6 +160,7 @@ def register_train_specs() -> None:
     from ..data.arithmetic import build_dataloader
     from ..data.tokenizer import build_tokenizer
     from ..losses import build_mtp_sft_loss
+    from ..metrics import build_metrics_processor
 
     register_train_spec(
         MODEL_NAME,
@@ -173,6 +174,7 @@ def register_train_specs() -> None:
             build_dataloader_fn=build_dataloader,
             build_tokenizer_fn=build_tokenizer,
             build_loss_fn=build_mtp_sft_loss,
+            build_metrics_processor_fn=build_metrics_processor,
             state_dict_adapter=MTPStateDictAdapter,
         ),
     )
