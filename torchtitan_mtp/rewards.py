@@ -9,8 +9,9 @@
   LaTeX, final numbers) and checks it against the parsed gold answer symbolically.
   Parsing is sympy/regex work that hostile model output can make arbitrarily slow (or
   crash), so it never runs in the trainer process: ``MathVerifyReward`` scores in a
-  process pool with a per-item wall-clock timeout, kills and replaces stuck or crashed
-  workers, and counts why each item scored what it did (``stats()``).
+  process pool (pebble) with a per-item wall-clock timeout that kills and replaces only the
+  stuck worker, an optional bound on a whole batch, and counts why each item scored what it
+  did (``stats()``). Its workers never outlive the trainer, even after ``kill -9``.
 
 Reward objects with a ``score_batch(responses, answers)`` method should be called through
 ``score_batch`` (module function below), which falls back to one call per item.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures as cf
+import ctypes
 import functools
 import hashlib
 import importlib
@@ -35,6 +37,8 @@ import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
+
+import pebble
 
 __all__ = [
     "REASONS",
@@ -67,25 +71,69 @@ REASONS = (
     "no_answer",  # nothing answer-like was extracted from the response
     "bad_gold",  # the reference answer did not parse (a data problem: check the dataset)
     "parse_error",  # math-verify raised while parsing or comparing
-    "timeout",  # the item ran longer than timeout_s; its worker was killed
+    "timeout",  # the item ran longer than timeout_s; its worker was killed and replaced
+    "batch_timeout",  # unscored when the batch reached batch_timeout_s; the pool was replaced
     "too_long",  # response (or answer) above max_chars, refused before the pool
     "invalid_input",  # not a str (or bytes)
     "worker_crash",  # the worker process died on this item
 )
 
-_STARTED: Any = None  # the pool's "item started" queue, set by _worker_init
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_ALARM_EXITCODE = -signal.SIGALRM if hasattr(signal, "SIGALRM") else None
+_hard_limit_s = 0.0  # a worker's own bound on one item (SIGALRM), set by _worker_init
 
 
-def _worker_init(started: Any) -> None:
-    global _STARTED
-    _STARTED = started
+def _worker_init(hard_limit_s: float, parent_death_signal: bool) -> None:
+    """Prepare a new worker: signals, its ways to die with the trainer, math-verify warm."""
+    global _hard_limit_s
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle
+    # pebble stops a worker with SIGTERM and waits 3 s before SIGKILL, one worker after the
+    # other; its handler is Python code, which never runs while a parse is stuck in C holding
+    # the GIL. The default action ends the process at once.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "setitimer"):
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        _hard_limit_s = hard_limit_s
+    if parent_death_signal:
+        _set_parent_death_signal()
+    _exit_with_trainer()
     for name in ("math_verify", "latex2sympy2_extended"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     try:  # import math-verify and build its grammars before the first item
         _parse_gold("1")
     except Exception:  # not installed: only math_verify_item needs it
         pass
+
+
+def _set_parent_death_signal() -> None:
+    """Linux: the kernel SIGKILLs this process when the thread that forked it ends (spawn: a
+    thread of the trainer; not the forkserver, whose death must not take running items)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl: the watchdog and the alarm remain
+        pass
+
+
+def _exit_with_trainer() -> None:
+    """Exit as soon as the trainer (the process that started this worker) is gone.
+
+    ``parent_process()`` waits on a pipe that only the trainer holds open, so this sees a
+    ``kill -9`` too, under forkserver (whose workers are not the trainer's children) as under
+    spawn. An idle worker would see pebble's task pipe close anyway; this ends a running item
+    at once. The thread needs the GIL: an item stuck in C is ended by its alarm instead.
+    """
+    trainer = multiprocessing.parent_process()
+    if trainer is not None:
+        threading.Thread(
+            target=_exit_after, args=(trainer,), name="exit-with-trainer", daemon=True
+        ).start()
+
+
+def _exit_after(trainer: multiprocessing.process.BaseProcess) -> None:
+    trainer.join()
+    os._exit(0)
 
 
 def _worker_ping() -> int:
@@ -105,12 +153,16 @@ def _parse_gold(answer: str) -> list:
     return []
 
 
-def _worker_run(
-    task_id: int, fn: Callable[[str, str], Any], response: str, answer: str
-) -> tuple[float, str]:
-    """Run one item: report its start (the parent times the item alone), then score it."""
-    _STARTED.put((task_id, time.monotonic()))
-    out = fn(response, answer)
+def _worker_run(fn: Callable[[str, str], Any], response: str, answer: str) -> tuple[float, str]:
+    """Score one item under an alarm: SIGALRM's default action ends the process (even while C
+    code holds the GIL) should the trainer fail to kill it at the timeout (it died)."""
+    if _hard_limit_s:
+        signal.setitimer(signal.ITIMER_REAL, _hard_limit_s)
+    try:
+        out = fn(response, answer)
+    finally:
+        if _hard_limit_s:
+            signal.setitimer(signal.ITIMER_REAL, 0)
     if isinstance(out, tuple):
         return float(out[0]), str(out[1])
     return float(out), "ok"
@@ -152,10 +204,11 @@ def _forkserver_context() -> multiprocessing.context.BaseContext:
 
     Spawn and forkserver workers re-import the main module; under ``python -m
     torchtitan_mtp.train`` that imports torch (~10 s a worker). The forkserver imports
-    it once, and every worker (and replacement after a timeout) is a cheap fork of it.
-    Has no effect if this process already started its forkserver.
+    it once, and every worker (and replacement after a timeout) is a cheap fork of it,
+    with math-verify already imported. The forkserver exits once the trainer and every
+    worker are gone. Has no effect if this process already started its forkserver.
     """
-    preload = ["__main__", __name__]
+    preload = ["__main__", __name__, "math_verify"]
     main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if main_spec is not None and not main_spec.name.endswith("__main__"):
         preload.append(main_spec.name)
@@ -164,41 +217,10 @@ def _forkserver_context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
-class _Pool:
-    """One ProcessPoolExecutor and its "item started" queue."""
-
-    def __init__(self, ctx: multiprocessing.context.BaseContext, workers: int):
-        self.started = ctx.SimpleQueue()
-        self.executor = cf.ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=ctx,
-            initializer=_worker_init,
-            initargs=(self.started,),
-        )
-
-    def drain_started(self) -> list[tuple[int, float]]:
-        out = []
-        try:
-            while not self.started.empty():
-                out.append(self.started.get())
-        except (OSError, EOFError, ValueError):  # closed or torn by a killed worker
-            pass
-        return out
-
-    def kill(self) -> None:
-        """Stop the pool now, killing its workers (a stuck C-level parse ignores all else)."""
-        processes = list((getattr(self.executor, "_processes", None) or {}).values())
-        self.executor.shutdown(wait=False, cancel_futures=True)
-        for p in processes:
-            if p.is_alive():
-                p.terminate()
-        deadline = time.monotonic() + 2.0
-        for p in processes:
-            p.join(max(0.0, deadline - time.monotonic()))
-            if p.is_alive():
-                p.kill()
-                p.join(1.0)
-        self.started.close()
+def _stop(pool: pebble.ProcessPool) -> None:
+    """Stop a pool now, killing its workers (running items are abandoned)."""
+    pool.stop()
+    pool.join()
 
 
 def _digest(response: str, answer: str) -> bytes:
@@ -217,17 +239,25 @@ class PoolReward:
 
     - refuses items longer than ``max_chars`` (reason ``too_long``) and replaces invalid
       unicode (lone surrogates) before anything is sent to a worker;
-    - submits a whole batch at once; each worker reports when it starts an item, and an
-      item running longer than ``timeout_s`` scores 0 (``timeout``): the pool is killed
-      (its processes terminated: a stuck C-level parse ignores everything else) and
-      replaced, and the other unfinished items are resubmitted, uncharged;
-    - on a worker crash (BrokenProcessPool), the item that was running scores 0
-      (``worker_crash``); if several were running, each is retried alone to find it;
+    - submits a whole batch at once to a ``pebble.ProcessPool``: an item running longer than
+      ``timeout_s`` scores 0 (``timeout``) and only its worker is killed and replaced, while
+      the other items keep running;
+    - an item whose worker dies scores 0 (``worker_crash``); should the whole pool break,
+      the items it was running are retried one at a time to find the culprit;
     - remembers (response, answer) pairs that timed out (a degenerate policy repeats
       itself) and scores them 0 at once; ``batch_timeout_s`` (default none) bounds a
-      whole batch: items unfinished by then score 0 (``timeout``).
+      whole batch: items unfinished by then score 0 (``batch_timeout``) and the pool is
+      replaced, so the next batch starts clean.
 
-    Workers come from a ``forkserver`` (default) or ``spawn`` context, never ``fork``.
+    Workers come from a ``forkserver`` (default) or ``spawn`` context, never ``fork``. They
+    never outlive the trainer, even after ``kill -9``: an idle worker sees the trainer's end
+    of pebble's task pipe close, a busy one is ended by a watchdog thread that waits on the
+    trainer's sentinel, and one stuck in C code that holds the GIL by its own alarm
+    (SIGALRM) at ``2 * timeout_s + 1`` s. Under spawn on Linux, when the pool is started from
+    the main thread, the kernel also kills the workers with the trainer (parent-death
+    signal). The forkserver and multiprocessing's resource tracker exit once the trainer and
+    the workers are gone.
+
     ``start()`` starts the pool (else the first call does); ``close()`` kills it.
     ``stats()`` counts the reasons (``REASONS``). Calls are serialised by a lock.
     """
@@ -247,6 +277,8 @@ class PoolReward:
             raise ValueError(f"workers = {workers} must be >= 1")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s = {timeout_s} must be > 0")
+        if batch_timeout_s is not None and batch_timeout_s <= 0:
+            raise ValueError(f"batch_timeout_s = {batch_timeout_s} must be > 0 (or None)")
         if start_method not in ("forkserver", "spawn"):
             raise ValueError(
                 f"start_method = {start_method!r}: use 'forkserver' or 'spawn' "
@@ -258,21 +290,30 @@ class PoolReward:
         self.start_method, self.startup_timeout_s = start_method, startup_timeout_s
         self.batch_timeout_s = batch_timeout_s
         self._timed_out: dict[bytes, None] = {}  # digests of timed-out pairs, oldest first
-        self._pool: _Pool | None = None
+        self._pool: pebble.ProcessPool | None = None
         self._counts = dict.fromkeys(REASONS, 0)
-        self._next_id = 0
         self._lock = threading.Lock()
-        self.restarts = 0  # pool replacements (timeouts and crashes)
+        self.restarts = 0  # workers killed and replaced (timeouts, crashes, broken pools)
 
     # ------------------------------------------------------------------ lifecycle
 
-    def _new_pool(self) -> _Pool:
-        ctx = (
-            _forkserver_context()
-            if self.start_method == "forkserver"
-            else multiprocessing.get_context("spawn")
+    def _new_pool(self) -> pebble.ProcessPool:
+        if self.start_method == "forkserver":
+            ctx = _forkserver_context()
+        else:
+            ctx = multiprocessing.get_context("spawn")
+        # Under spawn the workers are the trainer's children. Their parent-death signal
+        # follows the thread that forked them: this one (the first workers), then pebble's
+        # manager thread (replacements), which lives as long as the pool.
+        death_signal = (
+            self.start_method == "spawn" and threading.current_thread() is threading.main_thread()
         )
-        return _Pool(ctx, self.workers)
+        return pebble.ProcessPool(
+            max_workers=self.workers,
+            initializer=_worker_init,
+            initargs=(2 * self.timeout_s + 1.0, death_signal),
+            context=ctx,
+        )
 
     def start(self) -> PoolReward:
         """Start the pool and wait until its workers have imported math-verify."""
@@ -280,38 +321,41 @@ class PoolReward:
             self._ensure_pool()
         return self
 
-    def _ensure_pool(self) -> _Pool:
+    def _ensure_pool(self) -> pebble.ProcessPool:
+        if self._pool is not None and not self._pool.active:  # a worker died idle
+            self._replace_pool()
         if self._pool is None:
             pool = self._new_pool()
             try:
-                pings = [pool.executor.submit(_worker_ping) for _ in range(self.workers)]
+                pings = [pool.schedule(_worker_ping) for _ in range(self.workers)]
                 cf.wait(pings, timeout=self.startup_timeout_s)
                 for ping in pings:
                     ping.result(timeout=0)
             except Exception as e:
-                pool.kill()
+                _stop(pool)
                 raise RuntimeError(
                     f"{self.name} reward: the worker pool ({self.start_method}) did not "
                     f"start within {self.startup_timeout_s} s: {type(e).__name__}: {e} "
                     "(a worker's traceback, if any, is on stderr)"
                 ) from e
             except BaseException:
-                pool.kill()
+                _stop(pool)
                 raise
             self._pool = pool
             _live_rewards.add(self)
         return self._pool
 
     def _replace_pool(self) -> None:
+        """Kill the pool's workers; the next call starts a new pool."""
         if self._pool is not None:
-            self._pool.kill()
+            _stop(self._pool)
             self._pool = None
-            self.restarts += 1
+            self.restarts += self.workers
 
     def close(self) -> None:
         """Kill the worker pool (a later call starts a new one)."""
         if self._pool is not None:
-            self._pool.kill()
+            _stop(self._pool)
             self._pool = None
 
     def __enter__(self) -> PoolReward:
@@ -382,7 +426,9 @@ class PoolReward:
                 batch_counts[reason] = batch_counts.get(reason, 0) + 1
                 self._counts[reason] = self._counts.get(reason, 0) + 1
             failures = {
-                k: batch_counts[k] for k in ("timeout", "worker_crash") if k in batch_counts
+                k: batch_counts[k]
+                for k in ("timeout", "batch_timeout", "worker_crash")
+                if k in batch_counts
             }
             if failures:
                 logger.warning(
@@ -402,120 +448,90 @@ class PoolReward:
         self, tasks: dict[int, tuple[str, str]], scores: list[float], reasons: list[str | None]
     ) -> None:
         """Score ``tasks`` (index -> (response, answer)) into ``scores``/``reasons``."""
-        normal = list(tasks)  # indices to submit together
-        solo: list[int] = []  # crash suspects, retried one at a time to find the culprit
-        isolated: set[int] = set()
         unresolved = set(tasks)
-        done_q: queue.SimpleQueue = queue.SimpleQueue()  # (generation, task id, future)
-        generation = 0
-        inflight: dict[int, int] = {}  # task id -> index, current pool only
-        running: dict[int, float] = {}  # task id -> start time in its worker (monotonic)
-        empty_crashes = 0
-        last_progress = time.monotonic()
-        batch_deadline = (
-            None if self.batch_timeout_s is None else last_progress + self.batch_timeout_s
-        )
+        pending = list(tasks)  # indices to submit together
+        suspects: list[int] = []  # in flight when the pool broke: retried one at a time
+        isolated: set[int] = set()  # suspects already sent alone once
+        inflight: dict[cf.Future, int] = {}  # future -> index, current pool only
+        done: queue.SimpleQueue[cf.Future] = queue.SimpleQueue()
+        deadline = None if self.batch_timeout_s is None else time.monotonic() + self.batch_timeout_s
 
         def resolve(index: int, score: float, reason: str) -> None:
             scores[index], reasons[index] = score, reason
             unresolved.discard(index)
 
-        def restart() -> None:
-            """Kill the pool; requeue the unresolved items it had in flight (uncharged)."""
-            nonlocal generation
-            self._replace_pool()
-            generation += 1
-            for index in inflight.values():
-                if index in unresolved:
-                    (solo if index in isolated else normal).append(index)
-            inflight.clear()
-            running.clear()
+        def settle(future: cf.Future, index: int) -> bool:
+            """Record a finished item; False when the pool broke under it."""
+            exc = future.exception()
+            if exc is None:
+                resolve(index, *future.result())
+            elif isinstance(exc, BrokenProcessPool):
+                return False
+            elif isinstance(exc, TimeoutError) or (
+                isinstance(exc, pebble.ProcessExpired) and exc.exitcode == _ALARM_EXITCODE
+            ):
+                resolve(index, 0.0, "timeout")
+                self._remember_timeout(*tasks[index])
+                self.restarts += 1
+            elif isinstance(exc, pebble.ProcessExpired):
+                resolve(index, 0.0, "worker_crash")
+                self.restarts += 1
+            else:  # fn raised (or could not be sent to a worker)
+                resolve(index, 0.0, "parse_error")
+            return True
 
         while unresolved:
-            if batch_deadline is not None and time.monotonic() > batch_deadline:
-                for index in list(unresolved):
-                    resolve(index, 0.0, "timeout")
-                if inflight:
-                    restart()
-                break
             pool = self._ensure_pool()
-            # Submit every normal item, or else one suspect when nothing is in flight.
-            if normal:
-                batch, normal = normal, []
-            elif solo and not inflight:
-                batch = [solo.pop(0)]
+            if pending:
+                batch, pending = pending, []
+            elif suspects and not inflight:
+                batch = [suspects.pop()]
             else:
                 batch = []
-            for index in batch:
-                task_id, self._next_id = self._next_id, self._next_id + 1
-                future = pool.executor.submit(_worker_run, task_id, self.fn, *tasks[index])
-                inflight[task_id] = index
-                future.add_done_callback(lambda f, g=generation, t=task_id: done_q.put((g, t, f)))
-            if batch:
-                last_progress = time.monotonic()
+            broken = False
+            for n, index in enumerate(batch):
+                try:
+                    future = pool.schedule(
+                        _worker_run, args=(self.fn, *tasks[index]), timeout=self.timeout_s
+                    )
+                except RuntimeError:  # the pool broke since _ensure_pool looked
+                    for index in batch[n:]:
+                        (suspects if index in isolated else pending).append(index)
+                    broken = True
+                    break
+                inflight[future] = index
+                future.add_done_callback(done.put)
 
-            # Wait for completions, at most until the earliest running item's deadline.
-            wait_s = 0.05
-            if running:
-                deadline = min(running.values()) + self.timeout_s
-                wait_s = min(wait_s, max(0.0, deadline - time.monotonic()))
-            events = []
-            try:
-                events.append(done_q.get(timeout=wait_s))
-                while True:
-                    events.append(done_q.get_nowait())
-            except queue.Empty:
-                pass
-            for task_id, started_at in pool.drain_started():
-                if task_id in inflight:
-                    running[task_id] = started_at
+            if not broken:
+                wait_s = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+                try:
+                    future = done.get(timeout=max(0.0, wait_s))
+                except queue.Empty:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        for index in list(unresolved):
+                            resolve(index, 0.0, "batch_timeout")
+                        self._replace_pool()  # kill what still runs: the next batch starts clean
+                        return
+                    broken = not pool.active  # broke without a word to the items in flight
+                else:
+                    index = inflight.pop(future, None)
+                    if index is not None and not settle(future, index):
+                        inflight[future] = index
+                        broken = True
+            if not broken:
+                continue
 
-            crashed = False
-            for gen, task_id, future in events:
-                if gen != generation or task_id not in inflight or future.cancelled():
-                    continue  # from a pool already replaced
-                exc = future.exception()
-                if isinstance(exc, BrokenProcessPool):
-                    crashed = True
+            # The pool broke: the items in flight are lost and the culprit, if any, unknown.
+            for future, index in inflight.items():
+                if future.done() and settle(future, index):
                     continue
-                index = inflight.pop(task_id)
-                running.pop(task_id, None)
-                last_progress = time.monotonic()
-                empty_crashes = 0
-                if exc is not None:
-                    resolve(index, 0.0, "parse_error")
+                if index in isolated:
+                    resolve(index, 0.0, "worker_crash")
                 else:
-                    resolve(index, *future.result())
-
-            if crashed:
-                suspects = [inflight[t] for t in running if t in inflight]
-                if len(suspects) == 1:
-                    resolve(suspects[0], 0.0, "worker_crash")
-                elif suspects:
-                    isolated.update(suspects)
-                else:
-                    empty_crashes += 1
-                    if empty_crashes > 3:
-                        raise RuntimeError(
-                            f"{self.name} reward: the worker pool keeps dying with no item "
-                            "running (out of memory? a broken install?)"
-                        )
-                restart()
-                continue
-
-            now = time.monotonic()
-            expired = [t for t, started_at in running.items() if now - started_at > self.timeout_s]
-            if expired:
-                for task_id in expired:
-                    resolve(inflight[task_id], 0.0, "timeout")
-                    self._remember_timeout(*tasks[inflight[task_id]])
-                restart()
-                continue
-
-            if inflight and not running and now - last_progress > self.startup_timeout_s:
-                raise RuntimeError(
-                    f"{self.name} reward: no worker started an item in {self.startup_timeout_s} s"
-                )
+                    isolated.add(index)
+                    suspects.append(index)
+            inflight.clear()
+            self._replace_pool()
 
 
 class MathVerifyReward(PoolReward):
@@ -618,9 +634,10 @@ def get_reward_function(name: str, **options: Any) -> RewardFunction:
     """A registry name (``REWARD_FUNCTIONS``) or a dotted path to a user function.
 
     ``options`` configure a registry reward that takes them (``math_verify``: ``workers``,
-    ``timeout_s``, ``max_chars``, ``start_method``) and give a new instance; other rewards
-    ignore them. Without options ``"math_verify"`` is the shared default instance. A user
-    class (not instance) named by path is instantiated without arguments.
+    ``timeout_s``, ``batch_timeout_s``, ``max_chars``, ``start_method``) and give a new
+    instance; other rewards ignore them. Without options ``"math_verify"`` is the shared
+    default instance. A user class (not instance) named by path is instantiated without
+    arguments.
     """
     if options and name in _FACTORIES:
         return _FACTORIES[name](**options)
