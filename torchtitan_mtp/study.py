@@ -112,7 +112,7 @@ def _run_matrix(
     for seed in config.study.seeds:  # seed-major: a stopped study has whole seeds to pair
         for variant in config.study.variants:
             run = root / "runs" / variant / f"seed{seed}"
-            if not (run / "done.json").is_file():
+            if finished_steps(run) < config.rl.steps:
                 pending.append((variant, seed, run))
     done = len(config.study.variants) * len(config.study.seeds) - len(pending)
     print(f"[study] {done} runs finished before, {len(pending)} to run", flush=True)
@@ -142,7 +142,8 @@ def _run_matrix(
             seconds = time.time() - start
             if proc.returncode == 0:
                 _write_json(run / "done.json", {"variant": variant, "seed": seed,
-                                                "seconds": seconds})  # fmt: skip
+                                                "seconds": seconds,
+                                                "rl_steps": config.rl.steps})  # fmt: skip
                 print(f"[study] done {variant} seed {seed} ({seconds:.0f}s)", flush=True)
             else:
                 failures.append(f"{variant} seed {seed} (exit {proc.returncode}): {run}/train.log")
@@ -151,6 +152,21 @@ def _run_matrix(
 
 
 # ---------------------------------------------------------------- reading the runs
+
+
+def finished_steps(run: Path) -> int:
+    """RL steps a run has finished: 0 without ``done.json``; its ``rl_steps``, or (older
+    runs) the last RL checkpoint. A study with more ``rl.steps`` extends such a run from
+    that checkpoint (the RL LR is constant after warmup, so this equals a longer run)."""
+    done = run / "done.json"
+    if not done.is_file():
+        return 0
+    recorded = json.loads(done.read_text()).get("rl_steps")
+    if recorded is not None:
+        return int(recorded)
+    steps = [int(p.name[5:]) for p in (run / "checkpoint" / "rl").glob("step-*")
+             if p.name[5:].isdigit()]  # fmt: skip
+    return max(steps, default=0)
 
 
 def read_minibatches(path: Path) -> list[dict]:
@@ -176,8 +192,9 @@ class RunResult:
     minibatches: list[dict]
 
 
-def load_run(run: Path, variant: str, seed: int) -> RunResult:
-    """TensorBoard scalars (tag -> step -> value) and mini-batch rows of one run."""
+def load_run(run: Path, variant: str, seed: int, max_step: int | None = None) -> RunResult:
+    """TensorBoard scalars (tag -> step -> value) and mini-batch rows of one run, up to
+    ``max_step`` (a run extended past the report's ``rl.steps`` is cut there)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     scalars: dict[str, dict[int, float]] = {}
@@ -186,7 +203,11 @@ def load_run(run: Path, variant: str, seed: int) -> RunResult:
         events.Reload()
         for tag in events.Tags()["scalars"]:
             scalars.setdefault(tag, {}).update({e.step: e.value for e in events.Scalars(tag)})
-    return RunResult(variant, seed, scalars, read_minibatches(run / "occ_minibatches.jsonl"))
+    rows = read_minibatches(run / "occ_minibatches.jsonl")
+    if max_step is not None:
+        scalars = {t: {k: v for k, v in s.items() if k <= max_step} for t, s in scalars.items()}
+        rows = [r for r in rows if r["step"] <= max_step]
+    return RunResult(variant, seed, scalars, rows)
 
 
 def spearman(x: list[float], y: list[float]) -> float:
@@ -308,8 +329,8 @@ def write_report(config: MTPJobConfig, root: Path) -> Path:
     for variant in study.variants:
         for seed in study.seeds:
             run = root / "runs" / variant / f"seed{seed}"
-            if (run / "done.json").is_file():
-                by_variant[variant].append(load_run(run, variant, seed))
+            if finished_steps(run) >= config.rl.steps:
+                by_variant[variant].append(load_run(run, variant, seed, config.rl.steps))
     variants = [v for v in study.variants if by_variant[v]]
     base = config.mtp.coefficient / max(heads, 1)
 
