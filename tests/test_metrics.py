@@ -32,3 +32,19 @@ def test_stages_log_into_their_own_runs():
     assert stage_log_dir(config) == "/d/tb/sft"
     config.training.dataset = "rl_prompts"
     assert stage_log_dir(config) == "/d/tb/rl"
+
+
+def test_the_job_writes_its_scalars_into_the_stage_run(tmp_path):
+    from torchtitan.distributed import ParallelDims
+
+    from torchtitan_mtp.metrics import build_metrics_processor
+
+    config = MTPJobConfig()
+    config.job.dump_folder = str(tmp_path)
+    config.metrics.enable_tensorboard = True
+    dims = ParallelDims(dp_replicate=1, dp_shard=1, cp=1, tp=1, pp=1, ep=1, etp=1, world_size=1)
+    processor = build_metrics_processor(config, dims)
+    processor.logger.log({"loss": 2.0}, 1)
+    processor.close()
+    assert _read(tmp_path / "tb" / "sft") == {"loss": [(1, 2.0)]}
+    assert [p.name for p in (tmp_path / "tb").iterdir()] == ["sft"]

@@ -349,8 +349,9 @@ class Training(TitanTraining):
 class Checkpoint(TitanCheckpoint):
     on_damaged: Literal["fallback", "refuse"] = "fallback"
     """A checkpoint step that is incomplete or fails its checksums on load: "fallback"
-    moves it aside (to ``step-N.damaged``) with a warning and loads the previous complete
-    step (or the warm start); "refuse" stops with an error naming the bad file"""
+    moves it aside (to ``<folder>/<sft|rl>.damaged/step-N``, never deleted) with a warning
+    naming the bad file and loads the previous complete step (or the stage's warm start);
+    "refuse" stops with an error naming the bad file"""
 
 
 @dataclass

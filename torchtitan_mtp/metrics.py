@@ -68,7 +68,12 @@ def build_metrics_processor(
     without.metrics.enable_tensorboard = False
     processor = MetricsProcessor(without, parallel_dims, tag)
     processor.job_config = job_config
-    # TorchTitan gives a LoggerContainer to the logging rank only (a BaseLogger elsewhere).
-    if tensorboard and isinstance(processor.logger, LoggerContainer):
-        processor.logger.add_logger(StageTensorBoard(stage_log_dir(job_config)))
+    # TorchTitan's logging rank: rank 0 (the last pipeline stage's, but there is no PP).
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if tensorboard and (job_config.metrics.save_for_all_ranks or rank == 0):
+        container = processor.logger
+        if not isinstance(container, LoggerContainer):
+            container = LoggerContainer()
+        container.add_logger(StageTensorBoard(stage_log_dir(job_config)))
+        processor.logger = container
     return processor

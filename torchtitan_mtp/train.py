@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import copy
 import os
+import socket
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -21,8 +23,15 @@ from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import init_logger, logger
 from torchtitan.train import Trainer
 
+from .checkpoints.integrity import (
+    CheckpointError,
+    guard_checkpointer,
+    resumed_checkpoint_hint,
+    verify_step,
+)
 from .config import ConfigError, MTPJobConfig, parse_job_config
 from .models.logprobs import target_mask, token_logprobs
+from .platform import set_pg_timeouts
 
 __all__ = ["MTPTrainer", "main"]
 
@@ -90,10 +99,13 @@ class MTPTrainer(Trainer):
             foreach=True,
         )
         if not torch.isfinite(grad_norm):
+            advice = resumed_checkpoint_hint(self.checkpointer, self.step) or (
+                "Lower optimizer.lr or training.max_norm, or check the data."
+            )
             raise FloatingPointError(
                 f"step {self.step}: the gradient norm is {grad_norm.item()} (loss share "
                 f"{loss.item()}); no update was applied and the last checkpoint is intact. "
-                "Lower optimizer.lr or training.max_norm, or check the data."
+                + advice
             )
         self.checkpointer.maybe_wait_for_staging()
         self.optimizers.step()
@@ -118,7 +130,8 @@ class MTPTrainer(Trainer):
         """TorchTitan's loop (load, step, checkpoint), without its NCCL-only PG timeouts."""
         config = self.job_config
         self.checkpointer.load(step=config.checkpoint.load_step)
-        logger.info(f"Training starts at step {self.step + 1}")
+        first_step = self.step + 1
+        logger.info(f"Training starts at step {first_step}")
         data_iterator = self.batch_generator(self.dataloader)
         start = time.perf_counter()
         while self.should_continue_training():
@@ -129,28 +142,66 @@ class MTPTrainer(Trainer):
             except DataloaderExhaustedError:
                 logger.warning("Ran out of data; last step was canceled.")
                 break
+            if self.step == first_step:  # setup is done: the shorter timeout from now on
+                set_pg_timeouts(
+                    timedelta(seconds=config.comm.train_timeout_seconds), self.parallel_dims
+                )
             self.checkpointer.save(self.step, last_step=self.step == config.training.steps)
         logger.info(f"Training finished in {time.perf_counter() - start:.1f}s")
 
 
+def _single_process_defaults() -> None:
+    """Without torchrun, run as rank 0 of 1 on a free local port (like torchrun would)."""
+    if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    defaults |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+
+
 def _parse_or_exit(argv: list[str] | None) -> MTPJobConfig:
-    """The job config; a bad one is logged and exits with status 2."""
+    """The job config; a bad one (or bad prompt data) is logged and exits with status 2.
+
+    Also makes ``python -m torchtitan_mtp.train`` work without torchrun (1 process), and
+    checks the RL prompt rows (lengths, malformed rows) before any training.
+    """
     init_logger()
+    _single_process_defaults()
     try:
-        return parse_job_config(sys.argv[1:] if argv is None else argv)
+        config = parse_job_config(sys.argv[1:] if argv is None else argv)
+        if config.rl.steps > 0:
+            from .data.tasks import rl_prompt_splits
+
+            rl_prompt_splits(config)
+        return config
     except ConfigError as e:
         logger.error(str(e))
+        raise SystemExit(2) from None
+    except (ValueError, FileNotFoundError) as e:
+        logger.error(f"[data]: {e}")
         raise SystemExit(2) from None
 
 
 def _final_checkpoint(config: MTPJobConfig, folder: str, step: int) -> str | None:
-    """The stage's last checkpoint directory, if it was written completely."""
+    """The stage's last checkpoint directory, if it is complete and intact (its manifest
+    and checksums, ``checkpoints/integrity.py``). A damaged one counts as missing: the
+    stage runs again and its checkpointer moves the step aside (or refuses)."""
     path = os.path.join(config.job.dump_folder, folder, f"step-{step}")
-    return path if os.path.isfile(os.path.join(path, ".metadata")) else None
+    if not os.path.isdir(path):
+        return None
+    if (damage := verify_step(path)) is not None:
+        logger.warning(f"{path} is not a complete checkpoint: {damage}")
+        return None
+    return path
 
 
 def _run(trainer_cls, config: MTPJobConfig):
     trainer = trainer_cls(config)
+    guard_checkpointer(trainer, owner=True)  # verified loads, manifests, disk-full errors
     try:
         if config.checkpoint.create_seed_checkpoint:
             if int(os.environ.get("WORLD_SIZE", "1")) != 1 or not config.checkpoint.enable:
@@ -187,9 +238,19 @@ def main(argv: list[str] | None = None) -> None:
                 done = _final_checkpoint(sft, sft.checkpoint.folder, config.training.steps)
             else:
                 logger.info(f"SFT stage already finished: {done}")
+            rl_next = config.rl.steps > 0 and not config.checkpoint.create_seed_checkpoint
+            if done is None and rl_next:  # never start RL from other weights than SFT's
+                path = os.path.join(config.job.dump_folder, sft.checkpoint.folder)
+                raise CheckpointError(
+                    f"the SFT stage ended without a complete step-{config.training.steps} in "
+                    f"{path}; the RL stage would not start from the SFT weights."
+                )
             init_path = done or init_path
         if config.rl.steps > 0 and not config.checkpoint.create_seed_checkpoint:
             _run(RLTrainer, rl_stage_config(config, init_path))
+    except CheckpointError as e:
+        logger.error(str(e))  # one plain line in the log; the traceback follows
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -200,14 +261,8 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     weights (RL checkpoint, else the finished SFT stage, else model.gguf_file) on
     ``[eval] sets`` with ``[eval] samples``, print the table, log to TensorBoard."""
     config = _parse_or_exit(argv)
-    for key, value in (
-        ("RANK", "0"),
-        ("LOCAL_RANK", "0"),
-        ("WORLD_SIZE", "1"),
-        ("MASTER_ADDR", "127.0.0.1"),
-        ("MASTER_PORT", "29511"),
-    ):
-        os.environ.setdefault(key, value)
+    # Its own TensorBoard run (<tb>/eval/rl): never purges the RL stage's steps.
+    config.metrics.save_tb_folder = os.path.join(config.metrics.save_tb_folder, "eval")
     from .rl.trainer import RLTrainer, rl_stage_config
 
     sft_folder = f"{config.checkpoint.folder}/sft"

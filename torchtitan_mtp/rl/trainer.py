@@ -22,6 +22,7 @@ import json
 import os
 import time
 from collections import defaultdict
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
+from ..checkpoints.integrity import guard_checkpointer, resumed_checkpoint_hint
 from ..config import MTPJobConfig
 from ..data.arithmetic import Problem
 from ..data.datasets import aime2025, apply_chat_template
@@ -42,6 +44,7 @@ from ..data.tasks import rl_prompt_splits
 from ..data.tokenizer import tokenizer_dir
 from ..evaluation import EvalSums, evaluate_set, format_table
 from ..models.logprobs import IGNORE_INDEX, target_mask, token_logprobs
+from ..platform import set_pg_timeouts
 from ..rewards import get_reward_function, score_batch
 from ..rollout.base import Completion, RolloutEngine, SamplingParams, SpecDecodeStats
 from ..rollout.native import NativeRolloutEngine
@@ -118,7 +121,11 @@ class RLTrainer(Trainer):
         self._synced_version: int | None = None  # RL steps applied to the engine's weights
         reward = job_config.reward
         options = (
-            {"workers": reward.workers, "timeout_s": reward.timeout_s}
+            {
+                "workers": reward.workers,
+                "timeout_s": reward.timeout_s,
+                "batch_timeout_s": reward.batch_timeout_s,
+            }
             if reward.function == "math_verify"
             else {}
         )
@@ -407,9 +414,10 @@ class RLTrainer(Trainer):
                     list(self.model.parameters()), self.job_config.training.max_norm, foreach=True
                 )
                 if not torch.isfinite(grad_norm):
+                    advice = resumed_checkpoint_hint(self.checkpointer, step) or "Lower rl.lr."
                     raise FloatingPointError(
                         f"RL step {step}: the gradient norm is {grad_norm.item()}; no update "
-                        "was applied and the last checkpoint is intact. Lower rl.lr."
+                        f"was applied and the last checkpoint is intact. {advice}"
                     )
                 grad_norms.append(grad_norm.item())
                 self.optimizers.step()
@@ -713,9 +721,12 @@ class RLTrainer(Trainer):
         return results
 
     def load(self) -> None:
-        """Resume the RL stage, or warm-start (SFT checkpoint, or model.gguf_file)."""
+        """Resume the RL stage, or warm-start (SFT checkpoint, or model.gguf_file).
+
+        Through :class:`CheckpointGuard`: the step is verified first; a damaged one is
+        moved aside (or refused), and a warm start that cannot be read stops the job."""
         config = self.job_config
-        loaded = self.checkpointer.load(step=config.checkpoint.load_step)
+        loaded = guard_checkpointer(self).load(step=config.checkpoint.load_step)
         if not loaded and (config.model.hf_checkpoint or config.model.gguf_file):
             self._load_pretrained()
         if self.ref_model is not None and self.step == 0:
@@ -725,7 +736,8 @@ class RLTrainer(Trainer):
         """Load, evaluate, run the steps; returns the eval results by step."""
         config = self.job_config
         self.load()
-        logger.info(f"RL training starts at step {self.step + 1}")
+        first_step = self.step + 1
+        logger.info(f"RL training starts at step {first_step}")
         every = config.eval.every_steps
         accuracies = {}
         if every:
@@ -735,6 +747,9 @@ class RLTrainer(Trainer):
             self.step += 1
             self.gc_handler.run(self.step)
             self.train_step(data_iterator)
+            if self.step == first_step:  # setup is done: the shorter timeout from now on
+                timeout = timedelta(seconds=config.comm.train_timeout_seconds)
+                set_pg_timeouts(timeout, self.parallel_dims)
             if every and (self.step % every == 0 or self.step == config.training.steps):
                 accuracies[self.step] = self.evaluate()
             self.checkpointer.save(self.step, last_step=self.step == config.training.steps)
