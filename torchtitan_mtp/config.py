@@ -496,60 +496,77 @@ def _find_config_file(args: list[str]) -> tuple[str | None, int]:
     return None, 0
 
 
+def _load_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: TOML syntax error: {e}") from None
+
+
+def check_toml(cls: Any, data: dict[str, Any], src: str, prefix: str = "") -> None:
+    """Check a TOML table against dataclass ``cls``: known keys, types, ranges.
+
+    Raises :class:`ConfigError` naming ``src``, the key, the value and what is allowed.
+    """
+    hints, by_name = typing.get_type_hints(cls), {f.name: f for f in fields(cls) if f.init}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if key not in by_name:
+            if not prefix and not isinstance(value, dict):
+                raise ConfigError(f"{src}: key '{key}' is outside any [section]")
+            raise ConfigError(f"{src}: " + _unknown(prefix, key, list(by_name)))
+        tp = hints[key]
+        if is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{src}: {path} must be a table [{path}], got {value!r}")
+            check_toml(tp, value, src, path)
+            continue
+        if (out := _coerce(value, tp)) is _BAD:
+            raise ConfigError(
+                f"{src}: {path} = {value!r} ({type(value).__name__}) is not valid; "
+                f"allowed: {_describe(tp)}"
+            )
+        if problem := _range_problem(by_name[key], path, out):
+            raise ConfigError(f"{src}: {problem}")
+
+
 class MTPConfigManager(ConfigManager):
-    """TorchTitan's ConfigManager for :class:`MTPJobConfig`, with checked TOML and errors."""
+    """TorchTitan's ConfigManager for :class:`MTPJobConfig`, with checked TOML and errors.
+
+    Only its public ``parse_args`` is extended: the TOML file is checked first
+    (:func:`check_toml`), TorchTitan then parses file + CLI as usual (tyro), and the
+    result is validated (:func:`validate_job_config`).
+    """
 
     def __init__(self) -> None:
         super().__init__(config_cls=MTPJobConfig)
-        # The TOML file (prefix of TOML errors) and the origin of the final values.
-        self.file = self.source = "<defaults>"
 
-    def _maybe_load_toml(self, args: list[str]) -> dict[str, Any] | None:
+    def parse_args(self, args: list[str] = sys.argv[1:]) -> MTPJobConfig:  # noqa: B008
+        args = list(args)
         path, n_tokens = _find_config_file(args)
-        self.file = path or "<defaults>"
+        if path is not None:
+            check_toml(MTPJobConfig, _load_toml(path), path)
         origins = ([path] if path else []) + (["command line"] if len(args) > n_tokens else [])
-        self.source = " + ".join(origins) or "<defaults>"
-        if path is None:
-            return None
-        try:
-            with open(path, "rb") as f:
-                return tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: TOML syntax error: {e}") from None
+        config = typing.cast(MTPJobConfig, super().parse_args(args))
+        _floats_from_ints(config)
+        validate_job_config(config, " + ".join(origins) or "<defaults>")
+        return config
 
-    def _dict_to_dataclass(self, cls: Any, data: dict[str, Any], prefix: str = "") -> Any:
-        src = self.file
-        hints, by_name = typing.get_type_hints(cls), {f.name: f for f in fields(cls) if f.init}
-        kwargs = {}
-        for key, value in data.items():
-            path = f"{prefix}.{key}" if prefix else key
-            if key not in by_name:
-                if not prefix and not isinstance(value, dict):
-                    raise ConfigError(f"{src}: key '{key}' is outside any [section]")
-                raise ConfigError(f"{src}: " + _unknown(prefix, key, list(by_name)))
-            tp = hints[key]
-            if is_dataclass(tp):
-                if not isinstance(value, dict):
-                    raise ConfigError(f"{src}: {path} must be a table [{path}], got {value!r}")
-                kwargs[key] = self._dict_to_dataclass(tp, value, path)
-                continue
-            if (out := _coerce(value, tp)) is _BAD:
-                raise ConfigError(
-                    f"{src}: {path} = {value!r} ({type(value).__name__}) is not valid; "
-                    f"allowed: {_describe(tp)}"
-                )
-            if problem := _range_problem(by_name[key], path, out):
-                raise ConfigError(f"{src}: {problem}")
-            kwargs[key] = out
-        return cls(**kwargs)
 
-    def _validate_config(self) -> None:
-        super()._validate_config()
-        validate_job_config(self.config, self.source)
+def _floats_from_ints(obj: Any) -> None:
+    """TOML ``1`` for a float (or ``float | None``) field becomes ``1.0``, as on the CLI."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            _floats_from_ints(value)
+        elif type(value) is int and _coerce(value, hints[f.name]) == float(value):
+            setattr(obj, f.name, _coerce(value, hints[f.name]))
 
 
 def _leaves(obj: Any, prefix: str = "") -> typing.Iterator[tuple[Any, str, Any]]:
