@@ -87,7 +87,7 @@ def _wait_until_gone(procs: dict[int, str], within_s: float) -> list[int]:
 def test_exact_match_unchanged():
     assert exact_match(" 42\n", "42") == 1.0
     assert exact_match("42.0", "42") == 0.0
-    assert REWARD_FUNCTIONS["exact_match"] is exact_match
+    assert "exact_match" in REWARD_FUNCTIONS
     assert get_reward_function("exact_match") is exact_match
 
 
@@ -330,7 +330,7 @@ def test_kill_9_of_the_trainer_leaves_no_process_behind(tmp_path):
 
 def test_registry_names_and_options():
     default = get_reward_function("math_verify")
-    assert isinstance(default, MathVerifyReward) and default is REWARD_FUNCTIONS["math_verify"]
+    assert isinstance(default, MathVerifyReward) and set(REWARD_FUNCTIONS) >= {"math_verify"}
     custom = get_reward_function("math_verify", timeout_s=1.5, workers=3)
     assert isinstance(custom, MathVerifyReward) and custom is not default
     assert (custom.timeout_s, custom.workers) == (1.5, 3)
@@ -377,12 +377,15 @@ def test_dotted_path_resolves_user_functions(user_module):
             "no_such_module_xyz:fn",
             r"'no_such_module_xyz:fn'.*module 'no_such_module_xyz' not found",
         ),
-        ("no_such_pkg_xyz.sub.fn", r"module 'no_such_pkg_xyz.sub' not found"),
+        ("no_such_pkg_xyz.sub.fn", r"module 'no_such_pkg_xyz' not found"),
         ("my_rewards_mod:missing", r"'my_rewards_mod' has no attribute 'missing'"),
         ("my_rewards_mod.missing", r"'my_rewards_mod' has no attribute 'missing'"),
-        ("my_rewards_mod:Scorer.nope", r"'my_rewards_mod.Scorer' has no attribute 'nope'"),
-        ("my_rewards_mod:NOT_CALLABLE", r"'NOT_CALLABLE'.*is not callable \(it is a int\)"),
-        ("my_broken_rewards_mod:fn", r"importing module 'my_broken_rewards_mod' failed.*a_dep"),
+        ("my_rewards_mod:Scorer.nope", r"'Scorer' has no attribute 'nope'"),
+        (
+            "my_rewards_mod:NOT_CALLABLE",
+            r"'my_rewards_mod:NOT_CALLABLE' is not callable \(it is a int\)",
+        ),
+        ("my_broken_rewards_mod:fn", r"importing 'my_broken_rewards_mod:fn' failed.*a_dep"),
         ("my_rewards_mod:", r"expected 'package.module:function'"),
     ],
 )

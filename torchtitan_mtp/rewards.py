@@ -24,10 +24,10 @@ import concurrent.futures as cf
 import ctypes
 import functools
 import hashlib
-import importlib
 import logging
 import multiprocessing
 import os
+import pkgutil
 import queue
 import signal
 import sys
@@ -559,73 +559,40 @@ def _close_all() -> None:
 
 # --------------------------------------------------------------------------- registry
 
-REWARD_FUNCTIONS: dict[str, RewardFunction] = {
-    "exact_match": exact_match,
-    # The shared default instance; its pool starts on first use.
-    "math_verify": MathVerifyReward(),
+REWARD_FUNCTIONS: dict[str, Callable[..., RewardFunction]] = {
+    "exact_match": lambda **options: exact_match,  # takes no options
+    "math_verify": MathVerifyReward,  # a new pool per call, started on first use
 }
-
-_FACTORIES: dict[str, Callable[..., RewardFunction]] = {"math_verify": MathVerifyReward}
-
-
-class _ModuleNotFound(ValueError):
-    pass
-
-
-def _import_module(module_name: str, what: str) -> Any:
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
-            raise _ModuleNotFound(f"{what}: module {module_name!r} not found") from e
-        raise ValueError(f"{what}: importing module {module_name!r} failed: {e}") from e
-    except Exception as e:
-        raise ValueError(
-            f"{what}: importing module {module_name!r} failed: {type(e).__name__}: {e}"
-        ) from e
+"""Registry names -> factories taking the ``[reward]`` options."""
 
 
 def _resolve_path(name: str) -> RewardFunction:
-    """``"pkg.module:attr.path"`` or ``"pkg.module.attr[.attr]"`` -> the callable it names."""
+    """``"pkg.module:attr.path"`` or ``"pkg.module.attr[.attr]"`` -> the callable it names
+    (``pkgutil.resolve_name``); a class is instantiated without arguments."""
     what = f"reward.function = {name!r}"
-    if ":" in name:
-        module_name, _, attr_path = name.partition(":")
-        if not module_name or not attr_path:
-            raise ValueError(
-                f"{what}: expected 'package.module:function' or 'package.module.function'"
-            )
-        obj: Any = _import_module(module_name, what)
-    else:
-        # The longest importable prefix is the module ("pkg.mod.Class.method" works too).
-        parts = name.split(".")
-        if not all(parts):
-            raise ValueError(f"{what}: expected 'package.module.function'")
-        not_found: _ModuleNotFound | None = None
-        for cut in range(len(parts) - 1, 0, -1):
-            module_name, attr_path = ".".join(parts[:cut]), ".".join(parts[cut:])
-            try:
-                obj = _import_module(module_name, what)
-                break
-            except _ModuleNotFound as e:
-                not_found = not_found or e
-        else:
-            assert not_found is not None
-            raise not_found
-    for i, attr in enumerate(attr_path.split(".")):
-        try:
-            obj = getattr(obj, attr)
-        except AttributeError:
-            owner = ".".join([module_name, *attr_path.split(".")[:i]])
-            raise ValueError(f"{what}: {owner!r} has no attribute {attr!r}") from None
+    module, colon, attr = name.partition(":")
+    if not all(name.replace(":", ".").split(".")) or (colon and not (module and attr)):
+        raise ValueError(f"{what}: expected 'package.module:function' or 'package.module.function'")
+    try:
+        obj = pkgutil.resolve_name(name)
+    except ModuleNotFoundError as e:
+        missing = e.name or "?"
+        if name.replace(":", ".").startswith(missing + ".") or missing == module:
+            raise ValueError(f"{what}: module {missing!r} not found") from e
+        raise ValueError(f"{what}: importing {name!r} failed: {e}") from e
+    except AttributeError as e:
+        raise ValueError(f"{what}: {e}") from None
+    except Exception as e:
+        raise ValueError(f"{what}: importing {name!r} failed: {type(e).__name__}: {e}") from e
     if isinstance(obj, type):  # a reward class: instantiate it (no arguments)
         try:
             obj = obj()
         except Exception as e:
-            raise ValueError(f"{what}: instantiating class {attr_path!r} failed: {e}") from e
+            raise ValueError(f"{what}: instantiating the class failed: {e}") from e
     if not callable(obj):
         raise ValueError(
-            f"{what}: {attr_path!r} in module {module_name!r} is not callable "
-            f"(it is a {type(obj).__name__}); expected a function (response, answer) -> float"
+            f"{what} is not callable (it is a {type(obj).__name__}); expected a function "
+            "(response, answer) -> float"
         )
     return obj
 
@@ -634,15 +601,12 @@ def get_reward_function(name: str, **options: Any) -> RewardFunction:
     """A registry name (``REWARD_FUNCTIONS``) or a dotted path to a user function.
 
     ``options`` configure a registry reward that takes them (``math_verify``: ``workers``,
-    ``timeout_s``, ``batch_timeout_s``, ``max_chars``, ``start_method``) and give a new
-    instance; other rewards ignore them. Without options ``"math_verify"`` is the shared
-    default instance. A user class (not instance) named by path is instantiated without
-    arguments.
+    ``timeout_s``, ``batch_timeout_s``, ``max_chars``, ``start_method``); every call gives
+    a new instance. A user class (not instance) named by path is instantiated without
+    arguments; options do not apply to user functions.
     """
-    if options and name in _FACTORIES:
-        return _FACTORIES[name](**options)
     if name in REWARD_FUNCTIONS:
-        return REWARD_FUNCTIONS[name]
+        return REWARD_FUNCTIONS[name](**options)
     if "." in name or ":" in name:
         return _resolve_path(name)
     raise ValueError(
