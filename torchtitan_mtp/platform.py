@@ -1,27 +1,47 @@
 """The one place where TorchTitan 0.2.2 is adapted to a machine without an accelerator.
 
-TorchTitan assumes a GPU in three places (see PLATFORM_NOTES "TorchTitan on CPU"):
+TorchTitan assumes a GPU in five places (see PLATFORM_NOTES "TorchTitan on CPU"); this is
+the only module of the package that touches TorchTitan's internals, and only on CPU:
 
 1. ``torchtitan.tools.utils`` probes the device type at import time and falls back to
    "cuda", and other modules copy that value. We make the probe answer "cpu" when no
-   accelerator exists, before torchtitan is imported, so the backend resolves to gloo.
+   accelerator exists, so the backend resolves to gloo. If torchtitan was imported first
+   (a user script, or ``python -m torchtitan.train --experimental.custom_import
+   torchtitan_mtp``), the module-level ``device_type`` / ``device_module`` values every
+   loaded ``torchtitan`` module copied are set to "cpu" / ``torch.cpu`` after the fact;
+   TorchTitan reads them at call time (the one value baked in at import, the default
+   ``device`` argument of ``DeviceMemoryMonitor``, is unused: TorchTitan passes it).
 2. The metrics memory monitor calls ``torch.cpu.get_device_name``/``memory_stats``/...,
    which do not exist. We provide host-memory equivalents, only where missing.
 3. FSDP2 with gloo: gloo has no PREMUL_SUM, so FSDP modules must use a plain SUM
    reduction (``enable_gloo_sum_reduction``); callers normalise losses by global token
    counts anyway.
-
-4. ``torchtitan.distributed.utils.set_pg_timeouts`` (the shorter ``comm.train_timeout_seconds``
-   after the first step) calls a device barrier that gloo rejects; ``set_pg_timeouts``
-   here does the same without it.
+4. ``torchtitan.distributed.utils.set_pg_timeouts``, which TorchTitan's train loop calls
+   after step 1 to apply the shorter ``comm.train_timeout_seconds``, calls
+   ``barrier(device_ids=[device_module.current_device()])`` and
+   ``device_module.synchronize()``, which gloo and ``torch.cpu`` reject. ``install``
+   replaces that module attribute (TorchTitan's loop looks it up there, as
+   ``dist_utils.set_pg_timeouts``, at call time) with :func:`set_pg_timeouts` here, which
+   does the same steps without the device calls. So ``Trainer.train``, TorchTitan's own
+   loop, runs unchanged on CPU.
+5. ``torchtitan.tools.profiling.maybe_enable_profiling`` (``[profiling]
+   enable_profiling``) passes ``activities=[CPU, None]`` when neither CUDA nor XPU
+   exists, which ``torch.profiler.profile`` rejects. ``install`` puts
+   :func:`maybe_enable_profiling` here, the same profiler with the CPU activity alone
+   (same schedule, same trace files), in its place and in every loaded module that
+   imported the name (``torchtitan.train``). Memory snapshots (``enable_memory_snapshot``)
+   record CUDA's caching allocator: there is no CPU equivalent, so they stay GPU-only.
 
 Nothing here acts when an accelerator is present.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import resource
 import sys
+import time
 from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -31,9 +51,18 @@ import torch._utils
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["HAS_ACCELERATOR", "enable_gloo_sum_reduction", "install", "set_pg_timeouts"]
+__all__ = [
+    "HAS_ACCELERATOR",
+    "enable_gloo_sum_reduction",
+    "install",
+    "maybe_enable_profiling",
+    "set_pg_timeouts",
+]
 
-HAS_ACCELERATOR: bool = torch._utils._get_available_device_type() is not None
+# torch's own probe (not ours, should this module be imported again after install()).
+_probe = torch._utils._get_available_device_type
+_ACCELERATOR_PROBE = getattr(_probe, "accelerator_probe", _probe)
+HAS_ACCELERATOR: bool = _ACCELERATOR_PROBE() is not None
 
 
 def _peak_rss_bytes() -> int:
@@ -73,25 +102,62 @@ def _install_cpu_device_module_shims() -> None:
             setattr(torch.cpu, name, fn)
 
 
+def _probe_or_cpu() -> str:
+    return _ACCELERATOR_PROBE() or "cpu"
+
+
+_probe_or_cpu.accelerator_probe = _ACCELERATOR_PROBE  # type: ignore[attr-defined]
+
+
+def _adapt_imported_torchtitan() -> None:
+    """Item 1 after the fact: torchtitan modules loaded before us copied "cuda"."""
+    utils = sys.modules.get("torchtitan.tools.utils")
+    if utils is None:
+        return
+    utils._get_available_device_type = _probe_or_cpu  # its get_device_info(), called later
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "torchtitan" or name.startswith("torchtitan.")):
+            continue
+        if getattr(module, "device_type", None) == "cuda":
+            module.device_type = "cpu"
+        if getattr(module, "device_module", None) is torch.cuda:
+            module.device_module = torch.cpu
+
+
+def _install_cpu_pg_timeouts() -> None:
+    """Item 4: TorchTitan's train loop calls ``dist_utils.set_pg_timeouts`` after step 1."""
+    from torchtitan.distributed import utils as dist_utils
+
+    dist_utils.set_pg_timeouts = set_pg_timeouts
+
+
+def _install_cpu_profiler() -> None:
+    """Item 5: in ``torchtitan.tools.profiling`` and in every loaded module that copied it."""
+    from torchtitan.tools import profiling
+
+    original = profiling.maybe_enable_profiling
+    if original is maybe_enable_profiling:
+        return
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("torchtitan"):
+            continue
+        if getattr(module, "maybe_enable_profiling", None) is original:
+            module.maybe_enable_profiling = maybe_enable_profiling
+
+
 def install() -> None:
-    """Adapt TorchTitan to CPU/gloo. Idempotent; a no-op when an accelerator exists."""
+    """Adapt TorchTitan to CPU/gloo. Idempotent; a no-op when an accelerator exists.
+
+    Works whether or not torchtitan was imported before (items 1, 4 and 5 of the module
+    docstring); importing torchtitan_mtp calls it.
+    """
     if HAS_ACCELERATOR:
         return
-    utils = sys.modules.get("torchtitan.tools.utils")
-    if utils is not None and utils.device_type != "cpu":
-        raise RuntimeError(
-            "torchtitan was imported before torchtitan_mtp on a machine without an "
-            "accelerator, so it picked device type 'cuda'. Import torchtitan_mtp first."
-        )
-    probe = torch._utils._get_available_device_type
-    if not getattr(probe, "_torchtitan_mtp_cpu", False):
-
-        def _probe_or_cpu() -> str:
-            return probe() or "cpu"
-
-        _probe_or_cpu._torchtitan_mtp_cpu = True  # type: ignore[attr-defined]
-        torch._utils._get_available_device_type = _probe_or_cpu
+    torch._utils._get_available_device_type = _probe_or_cpu
+    _adapt_imported_torchtitan()
     _install_cpu_device_module_shims()
+    _install_cpu_pg_timeouts()
+    _install_cpu_profiler()
 
 
 def enable_gloo_sum_reduction(model: nn.Module) -> None:
@@ -113,7 +179,8 @@ def set_pg_timeouts(timeout: timedelta, parallel_dims: Any) -> None:
     """Set every process group's collective timeout (a stuck rank fails the job after it).
 
     TorchTitan's ``set_pg_timeouts`` on an accelerator; on CPU the same steps (a barrier,
-    then each group of the mesh and the default group) without its device barrier.
+    then each group of the mesh and the default group) without its device barrier and
+    device synchronize. On CPU ``install`` puts this function in TorchTitan's place.
     """
     if HAS_ACCELERATOR:
         from torchtitan.distributed import utils as dist_utils
@@ -122,7 +189,51 @@ def set_pg_timeouts(timeout: timedelta, parallel_dims: Any) -> None:
         return
     if not dist.is_initialized():
         return
+    from torchtitan.tools.logging import logger
+
+    logger.info(f"Synchronizing and adjusting timeout for all ProcessGroups to {timeout}")
     dist.barrier()
     meshes = parallel_dims.get_all_one_dimensional_meshes().values()
     for group in [mesh.get_group() for mesh in meshes] + [None]:
         dist.distributed_c10d._set_pg_timeout(timeout, group)
+
+
+@contextlib.contextmanager
+def maybe_enable_profiling(
+    profiling_config: Any, *, global_step: int = 0, base_folder: str = "", leaf_folder: str = ""
+):
+    """TorchTitan 0.2.2's ``maybe_enable_profiling`` with the CPU activity alone.
+
+    Same arguments, schedule (wait = profile_freq - warmup - active) and trace files,
+    ``<dump>/<save_traces_folder>/iteration_<step>/<leaf>/rank<r>_trace.json``.
+    """
+    if not profiling_config.enable_profiling:
+        yield None
+        return
+    from torchtitan.tools.logging import logger
+
+    trace_dir = os.path.join(base_folder, profiling_config.save_traces_folder)
+    warmup, active = profiling_config.profiler_warmup, profiling_config.profiler_active
+    wait = profiling_config.profile_freq - (active + warmup)
+    if wait < 0:
+        raise ValueError("profiling.profile_freq must be >= profiler_warmup + profiler_active")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+
+    def trace_handler(prof: torch.profiler.profile) -> None:
+        step_dir = os.path.join(trace_dir, f"iteration_{prof.step_num}", leaf_folder)
+        os.makedirs(step_dir, exist_ok=True)
+        logger.info(f"Dumping profiler traces at step {prof.step_num}")
+        begin = time.monotonic()
+        prof.export_chrome_trace(os.path.join(step_dir, f"rank{rank}_trace.json"))
+        logger.info(f"Finished dumping profiler traces in {time.monotonic() - begin:.2f} seconds")
+
+    logger.info(f"Profiling active. Traces will be saved at {trace_dir}")
+    os.makedirs(trace_dir, exist_ok=True)
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU],
+        schedule=torch.profiler.schedule(wait=wait, warmup=warmup, active=active),
+        on_trace_ready=trace_handler,
+        record_shapes=True,
+    ) as torch_profiler:
+        torch_profiler.step_num = global_step
+        yield torch_profiler

@@ -1,9 +1,11 @@
 """The training entry: ``python -m torchtitan_mtp.train --job.config_file X.toml``.
 
 The SFT/pretraining stage runs TorchTitan's Trainer (model, parallelism, optimizers, LR
-schedulers, CheckpointManager, metrics all come from the ``mtp_transformer`` TrainSpec);
-this subclass only replaces the loss step with next-token CE on the trunk plus
-``(c / K) * sum_k CE_k`` on the MTP heads, and logs per-head metrics.
+schedulers, CheckpointManager, metrics all come from the ``mtp_transformer`` TrainSpec)
+and its own train loop, ``Trainer.train`` (checkpoint load/save, ``[profiling]`` traces
+and memory snapshots, ``[validation]``, the shorter PG timeouts after step 1; on CPU
+through ``platform.install``). This subclass only replaces the loss step with next-token
+CE on the trunk plus ``(c / K) * sum_k CE_k`` on the MTP heads, and logs per-head metrics.
 """
 
 from __future__ import annotations
@@ -12,13 +14,10 @@ import copy
 import os
 import socket
 import sys
-import time
 from collections.abc import Iterator
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torchtitan.components.dataloader import DataloaderExhaustedError
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import init_logger, logger
 from torchtitan.train import Trainer
@@ -31,7 +30,6 @@ from .checkpoints.integrity import (
 )
 from .config import ConfigError, MTPJobConfig, parse_job_config
 from .models.logprobs import target_mask, token_logprobs
-from .platform import set_pg_timeouts
 
 __all__ = ["MTPTrainer", "main"]
 
@@ -39,7 +37,7 @@ Batch = tuple[dict[str, torch.Tensor], torch.Tensor]
 
 
 class MTPTrainer(Trainer):
-    """TorchTitan's Trainer with the MTP cross-entropy step."""
+    """TorchTitan's Trainer, and its ``train`` loop, with the MTP cross-entropy step."""
 
     job_config: MTPJobConfig
 
@@ -73,6 +71,9 @@ class MTPTrainer(Trainer):
         return loss.detach(), ce_sums, top1
 
     def train_step(self, data_iterator: Iterator[Batch]) -> None:
+        """One optimizer step. ``Trainer.train`` calls it with ``batch_generator(dataloader)``
+        (micro-batches on CPU); when the data run out, ``next`` raises TorchTitan's
+        ``DataloaderExhaustedError`` and its loop cancels the step."""
         self.optimizers.zero_grad()
         lr = self.lr_schedulers.schedulers[0].get_last_lr()[0]
         microbatches = [next(data_iterator) for _ in range(self.gradient_accumulation_steps)]
@@ -125,29 +126,6 @@ class MTPTrainer(Trainer):
             )
             heads = "  ".join(f"ce{k}: {ce[k].item():.4f}" for k in range(1, self.num_heads))
             logger.info(f"step: {self.step:2}  main ce: {ce[0].item():.4f}  {heads}")
-
-    def train(self) -> None:
-        """TorchTitan's loop (load, step, checkpoint), without its NCCL-only PG timeouts."""
-        config = self.job_config
-        self.checkpointer.load(step=config.checkpoint.load_step)
-        first_step = self.step + 1
-        logger.info(f"Training starts at step {first_step}")
-        data_iterator = self.batch_generator(self.dataloader)
-        start = time.perf_counter()
-        while self.should_continue_training():
-            self.step += 1
-            self.gc_handler.run(self.step)
-            try:
-                self.train_step(data_iterator)
-            except DataloaderExhaustedError:
-                logger.warning("Ran out of data; last step was canceled.")
-                break
-            if self.step == first_step:  # setup is done: the shorter timeout from now on
-                set_pg_timeouts(
-                    timedelta(seconds=config.comm.train_timeout_seconds), self.parallel_dims
-                )
-            self.checkpointer.save(self.step, last_step=self.step == config.training.steps)
-        logger.info(f"Training finished in {time.perf_counter() - start:.1f}s")
 
 
 def _single_process_defaults() -> None:

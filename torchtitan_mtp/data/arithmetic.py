@@ -1,7 +1,8 @@
 """The embedded arithmetic task: deterministic addition problems and the SFT dataloader.
 
 Problems are ``"{a}+{b}="`` with answer ``"{a + b}"``, operands of 1..``max_digits``
-digits. The held-out split is drawn first and never appears in the train split.
+digits. The held-out split is drawn first and never appears in the train split; as SFT
+samples it is the ``[validation]`` set (``build_validation_dataloader``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
-from torch.utils.data import IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.config import JobConfig
@@ -25,6 +26,7 @@ __all__ = [
     "SFTDataset",
     "arithmetic_problems",
     "build_dataloader",
+    "build_validation_dataloader",
 ]
 
 
@@ -197,4 +199,29 @@ def build_dataloader(
         dp_world_size=dp_world_size,
         batch_size=training.local_batch_size,
         collate_fn=collate,
+    )
+
+
+def build_validation_dataloader(
+    dp_world_size: int, dp_rank: int, tokenizer: BaseTokenizer, job_config: JobConfig
+) -> DataLoader:
+    """``[validation]``: the ``[data]`` held-out split as SFT samples, one pass.
+
+    Every rank gets the same number of problems (the split is cut to a multiple of the
+    data-parallel degree), so the ranks run the same number of batches of
+    ``validation.local_batch_size``. Samples are padded to ``training.seq_len`` like the
+    training samples (``validation.seq_len`` sizes TorchTitan's text datasets only).
+    """
+    data = job_config.data
+    if data.name != "arithmetic":
+        raise ValueError(
+            f"[validation] computes the SFT loss on the held-out split of the arithmetic "
+            f"task; data.name = {data.name!r} has none. Set validation.enable = false"
+        )
+    _, heldout = arithmetic_problems(data.seed, data.max_digits, data.num_train, data.num_heldout)
+    heldout = heldout[: len(heldout) - len(heldout) % dp_world_size]
+    encoder = SFTDataset([], tokenizer, job_config.training.seq_len, data.seed)
+    samples = [encoder.encode(p) for p in heldout[dp_rank::dp_world_size]]
+    return DataLoader(
+        samples, batch_size=job_config.validation.local_batch_size, collate_fn=_collate
     )

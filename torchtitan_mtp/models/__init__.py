@@ -1,10 +1,17 @@
-"""The ``mtp_transformer`` train spec and its flavors."""
+"""The ``mtp_transformer`` train spec, its flavors and its ``[validation]`` validator."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.optimizer import build_optimizers
+from torchtitan.components.validate import BaseValidator
 from torchtitan.protocols.train_spec import TrainSpec, register_train_spec
+from torchtitan.tools import utils
 
 from .args import MTPModelArgs, RoPEScalingArgs
 from .logprobs import AlignedTokenStats, token_logprobs
@@ -16,6 +23,7 @@ __all__ = [
     "AlignedTokenStats",
     "MTPModelArgs",
     "MTPTransformer",
+    "MTPValidator",
     "mtp_flavors",
     "register_train_specs",
     "token_logprobs",
@@ -154,6 +162,70 @@ mtp_flavors: dict[str, MTPModelArgs] = {
 }
 
 
+class MTPValidator(BaseValidator):
+    """``[validation]``: the SFT objective (``MTPCrossEntropy``) on the ``[data]`` held-out
+    split, logged by TorchTitan's ``log_validation`` as ``validation_metrics/loss``, with
+    each head's CE (``validation_metrics/ce_loss/main``, ``.../mtp/ce_loss/head<k>``).
+
+    A ``BaseValidator`` of its own rather than TorchTitan's ``Validator``, which reads a
+    text dataset (``build_text_validation_dataloader``) and scores ``loss_fn(model(x), y)``:
+    this model returns K + 1 hidden states and the loss needs the output head's chunked
+    log-probs (``token_logprobs``), as in ``MTPTrainer.forward_backward_step``. When to
+    validate is TorchTitan's (``validation.freq``, and step 1).
+    """
+
+    def __init__(
+        self,
+        job_config: Any,
+        dp_world_size: int,
+        dp_rank: int,
+        tokenizer: Any,
+        parallel_dims: Any,
+        loss_fn: Any,
+        validation_context: Any,
+        maybe_enable_amp: Any,
+        metrics_processor: Any,
+        **unused: Any,  # pipeline-parallel arguments: this model has no pipelining_fn
+    ):
+        from ..data.arithmetic import build_validation_dataloader
+
+        super().__init__(job_config)
+        self.dataloader = build_validation_dataloader(dp_world_size, dp_rank, tokenizer, job_config)
+        self.parallel_dims, self.loss_fn = parallel_dims, loss_fn
+        self.validation_context, self.maybe_enable_amp = validation_context, maybe_enable_amp
+        self.metrics_processor = metrics_processor
+
+    @torch.no_grad()
+    def validate(self, model_parts: list[nn.Module], step: int) -> None:
+        model, device = model_parts[0], utils.device_type
+        model.eval()
+        heads = self.job_config.mtp.num_modules + 1
+        sums = torch.zeros(2, heads, device=device)  # CE sums, valid target counts
+        for batch, (input_dict, labels) in enumerate(self.dataloader):
+            if batch == self.job_config.validation.steps:
+                break
+            labels = labels.to(device)
+            self.metrics_processor.ntokens_since_last_log += labels.numel()
+            with self.validation_context(), self.maybe_enable_amp:
+                stats = token_logprobs(model, model(input_dict["input"].to(device)), labels)
+            sums[0] -= (stats.logp * stats.mask).sum(dim=(1, 2))
+            sums[1] += stats.mask.sum(dim=(1, 2))
+        if self.parallel_dims.dp_enabled:
+            dist.all_reduce(sums, group=self.parallel_dims.get_mesh("batch").get_group())
+        ce_sums, counts = sums
+        loss = (ce_sums * self.loss_fn.head_weights(counts)).sum().item()
+        ce = (ce_sums / counts.clamp(min=1)).tolist()
+        extra = {"validation_metrics/ce_loss/main": ce[0]}
+        extra |= {f"validation_metrics/mtp/ce_loss/head{k}": ce[k] for k in range(1, heads)}
+        self.metrics_processor.log_validation(loss=loss, step=step, extra_metrics=extra)
+        model.train()
+
+
+def build_mtp_validator(**kwargs: Any) -> MTPValidator:
+    """The TrainSpec's ``build_validator_fn`` (TorchTitan passes keyword arguments)."""
+    return MTPValidator(**kwargs)
+
+
 def register_train_specs() -> None:
     """Register ``[model] name = "mtp_transformer"`` with TorchTitan's registry."""
     from ..checkpoints.adapter import MTPStateDictAdapter
@@ -175,6 +247,7 @@ def register_train_specs() -> None:
             build_tokenizer_fn=build_tokenizer,
             build_loss_fn=build_mtp_sft_loss,
             build_metrics_processor_fn=build_metrics_processor,
+            build_validator_fn=build_mtp_validator,
             state_dict_adapter=MTPStateDictAdapter,
         ),
     )

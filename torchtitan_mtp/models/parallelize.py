@@ -28,13 +28,28 @@ from torchtitan.models.llama3.infra.parallelize import (
     apply_compile,
     disable_fsdp_gradient_division,
 )
-from torchtitan.models.qwen3.infra.parallelize import _op_sac_save_list
 from torchtitan.tools.logging import logger
 
 from ..platform import enable_gloo_sum_reduction
 from .model import MTPTransformer, TokenStats
 
-__all__ = ["apply_fsdp", "apply_tp", "parallelize_mtp"]
+__all__ = ["SAC_SAVE_OPS", "apply_fsdp", "apply_tp", "parallelize_mtp"]
+
+# Selective (op) activation checkpointing saves these ops' outputs and recomputes the
+# rest. TorchTitan 0.2.2 has no public list: each model keeps its own private
+# ``_op_sac_save_list`` (models/*/infra/parallelize.py), and ``apply_ac`` without one saves
+# nothing. This is Qwen3's, less the flex/varlen attention ops this model never runs.
+SAC_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_attention_math.default,
+    torch.ops.aten._scaled_dot_product_fused_attention_overrideable.default,
+    torch.ops._c10d_functional.reduce_scatter_tensor.default,
+    torch.ops.aten.max.default,  # low precision: the absolute max sets the scale
+    torch._higher_order_ops.inductor_compiled_code,  # with compile: a compiled region
+}
 
 
 def parallelize_mtp(
@@ -55,19 +70,22 @@ def parallelize_mtp(
         apply_tp(model, parallel_dims.get_mesh("tp"))
 
     compile_enabled = job_config.compile.enable and "model" in job_config.compile.components
-    for blocks in _block_groups(model):
+    # TorchTitan's apply_ac/apply_compile wrap the blocks of ``x.layers`` in place; the
+    # MTP blocks get the same through a view, then go back into their modules.
+    mtp_blocks = _BlockView(nn.ModuleDict({k: m.block for k, m in model.mtp.items()}))
+    for blocks in [model, mtp_blocks] if len(model.mtp) else [model]:
         if job_config.activation_checkpoint.mode != "none":
             apply_ac(
                 blocks,
                 job_config.activation_checkpoint,
                 model_compile_enabled=compile_enabled,
-                op_sac_save_list=_op_sac_save_list,
+                op_sac_save_list=SAC_SAVE_OPS,
                 base_folder=job_config.job.dump_folder,
             )
         if compile_enabled:
             apply_compile(blocks, job_config.compile)
-    for k, module in model.mtp.items():  # put the wrapped MTP blocks back
-        module.block = _mtp_blocks(model).layers[k]
+    for k, module in model.mtp.items():
+        module.block = mtp_blocks.layers[k]
 
     if parallel_dims.fsdp_enabled:
         names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
@@ -92,18 +110,6 @@ class _BlockView(nn.Module):
     def __init__(self, layers: nn.ModuleDict):
         super().__init__()
         self.layers = layers
-
-
-def _mtp_blocks(model: MTPTransformer) -> _BlockView:
-    view = getattr(model, "_mtp_block_view", None)
-    if view is None:
-        view = _BlockView(nn.ModuleDict({k: m.block for k, m in model.mtp.items()}))
-        object.__setattr__(model, "_mtp_block_view", view)  # not a submodule
-    return view
-
-
-def _block_groups(model: MTPTransformer) -> list[nn.Module]:
-    return [model, _mtp_blocks(model)] if len(model.mtp) else [model]
 
 
 def _block_tp_plan() -> dict:

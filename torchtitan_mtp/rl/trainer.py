@@ -4,7 +4,10 @@ One step (OCC_SPEC §4) reads top to bottom in ``train_step``:
 
     prompts -> rollout -> reward -> GRPO advantages -> old log-probs (recomputed here)
             -> ppo_epochs x mini_batches optimizer updates (micro-batch accumulation)
-            -> metrics -> periodic held-out eval -> checkpoint
+            -> metrics -> periodic held-out eval
+
+and TorchTitan's own loop, ``Trainer.train``, runs the steps: checkpoint load and save,
+``[profiling]``, ``[validation]``, the shorter PG timeouts after step 1.
 
 The MTP term of the loss depends on ``[mtp] regime`` (OCC_SPEC §2): ``detach`` and ``ce``
 add ``(c/K) sum_k CE_k`` (with detached inputs for ``detach``), ``policy`` adds
@@ -12,7 +15,8 @@ add ``(c/K) sum_k CE_k`` (with detached inputs for ``detach``), ``policy`` adds
 
 TorchTitan's Trainer builds everything (model, parallelism, optimizers, LR schedulers,
 CheckpointManager, metrics) from the ``mtp_transformer`` TrainSpec; its dataloader here
-yields prompt batches (``training.dataset = "rl_prompts"``).
+yields prompt batches (``training.dataset = "rl_prompts"``), which ``batch_generator``
+hands to ``train_step`` as they are.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import json
 import os
 import time
 from collections import defaultdict
-from datetime import timedelta
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -32,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     set_model_state_dict,
 )
+from torchtitan.components.dataloader import DataloaderExhaustedError
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
@@ -44,7 +49,6 @@ from ..data.tasks import rl_prompt_splits
 from ..data.tokenizer import tokenizer_dir
 from ..evaluation import EvalSums, evaluate_set, format_table
 from ..models.logprobs import IGNORE_INDEX, target_mask, token_logprobs
-from ..platform import set_pg_timeouts
 from ..rewards import get_reward_function, score_batch
 from ..rollout.base import Completion, RolloutEngine, SamplingParams, SpecDecodeStats
 from ..rollout.native import NativeRolloutEngine
@@ -164,6 +168,8 @@ class RLTrainer(Trainer):
         self.add_bos = not job_config.data.chat_template
         self.pad_id = self.tokenizer.tokenizer.token_to_id("<pad>") or 0
         self.ref_model = self._build_reference_model() if rl.kl_coef > 0 else None
+        self._started = False  # ``_start`` ran (the first train_step of this run)
+        self.accuracies: dict[int, dict[str, dict[str, float]]] = {}  # eval results by step
 
     # ---------------------------------------------------------------- setup helpers
 
@@ -341,9 +347,11 @@ class RLTrainer(Trainer):
 
     # ---------------------------------------------------------------- the step
 
-    def train_step(self, data_iterator) -> None:
+    def train_step(self, data_iterator: Iterator[list[Problem]]) -> None:
         rl, step = self.job_config.rl, self.step
         n = rl.samples_per_prompt
+        if not self._started:  # the first step of this run: Trainer.train has loaded
+            self._start()
         t0 = time.perf_counter()
 
         # 1. Rollout: n samples of each of this rank's prompts from the current policy.
@@ -386,6 +394,7 @@ class RLTrainer(Trainer):
             spec_metrics.update(self._truncated_importance_sampling(batch))
 
         # 5. ppo_epochs x mini_batches optimizer updates, micro-batch accumulation.
+        self.checkpointer.maybe_wait_for_staging()  # an async save's copy of the weights
         t1 = time.perf_counter()
         log: dict[str, float] = defaultdict(float)
         num_rows, grad_norms, records = batch.inputs.shape[0], [], []
@@ -432,6 +441,11 @@ class RLTrainer(Trainer):
         spec_metrics["perf/weight_sync_seconds"] = t_sync
         spec_metrics.update(self._occ_metrics(records))
         self._log_step(log, grad_norms, correct, rewards, lengths, batch, times, spec_metrics)
+
+        # 7. Held-out eval every eval.every_steps steps and after the last.
+        every = self.job_config.eval.every_steps
+        if every and (step % every == 0 or step == self.job_config.training.steps):
+            self.accuracies[step] = self.evaluate()
 
     def _sync_rollout_weights(self, version: int) -> None:
         """Push the policy (trunk and MTP draft) into the rollout engine once per version;
@@ -690,14 +704,16 @@ class RLTrainer(Trainer):
                 sets[name] = records
         return sets
 
-    def evaluate(self) -> dict[str, dict[str, float]]:
-        """Greedy accuracy (and avg@k, pass@k) per eval set, split over data-parallel ranks.
+    def evaluate(self, step: int | None = None) -> dict[str, dict[str, float]]:
+        """Greedy accuracy (and avg@k, pass@k) per eval set, split over data-parallel ranks,
+        of the policy after ``step`` RL steps (default: ``self.step``).
 
         Logged as ``eval/<set>/<metric>`` and printed as a table; returns the metrics.
         """
+        step = self.step if step is None else step
         k = self.job_config.eval.samples
         results, rows = {}, {}
-        self._sync_rollout_weights(self.step)
+        self._sync_rollout_weights(step)
         for name, records in self._eval_sets().items():
             mine = records[self.dp_rank :: self.dp_degree]
             sums = evaluate_set(
@@ -707,7 +723,7 @@ class RLTrainer(Trainer):
                 self.reward_fn,
                 self._response_text,
                 greedy=self._sampling_params(0, greedy=True),
-                sampled=self._sampling_params(self._step_seed(self.step, salt=1)),
+                sampled=self._sampling_params(self._step_seed(step, salt=1)),
                 k=k,
             )
             sums = EvalSums.from_tensor(self._global_sum(sums.tensor().to(self.device)).cpu())
@@ -715,9 +731,9 @@ class RLTrainer(Trainer):
             results[name] = metrics
             rows[name] = (int(sums.problems), metrics)
             self.metrics_processor.logger.log(
-                {f"eval/{name}/{m}": v for m, v in metrics.items()}, self.step
+                {f"eval/{name}/{m}": v for m, v in metrics.items()}, step
             )
-        logger.info("\n" + format_table(self.step, rows))
+        logger.info("\n" + format_table(step, rows))
         return results
 
     def load(self) -> None:
@@ -725,32 +741,39 @@ class RLTrainer(Trainer):
 
         Through :class:`CheckpointGuard`: the step is verified first; a damaged one is
         moved aside (or refused), and a warm start that cannot be read stops the job."""
+        guard_checkpointer(self).load(step=self.job_config.checkpoint.load_step)
+        self._warm_start()
+
+    def _warm_start(self) -> None:
+        """After the checkpoint load: without a checkpoint, the initial weights of
+        model.hf_checkpoint / gguf_file; the reference policy at the stage's start."""
         config = self.job_config
-        loaded = guard_checkpointer(self).load(step=config.checkpoint.load_step)
+        loaded = getattr(self.checkpointer, "loaded", None) is not None
         if not loaded and (config.model.hf_checkpoint or config.model.gguf_file):
             self._load_pretrained()
         if self.ref_model is not None and self.step == 0:
             self._sync_reference_model()  # the warm-start policy; a resume restores its own
 
+    def _start(self) -> None:
+        """The stage's start, in the first ``train_step`` of a run (``Trainer.train`` has
+        loaded the checkpoint and counted the step): warm start, then the held-out eval of
+        the policy before that step."""
+        self._started = True
+        self._warm_start()
+        if self.job_config.eval.every_steps:
+            self.accuracies[self.step - 1] = self.evaluate(self.step - 1)
+
+    def batch_generator(self, data_iterable: Iterable[list[Problem]]) -> Iterator[list[Problem]]:
+        """Step inputs for ``Trainer.train``: the prompt batches as they are (TorchTitan's
+        generator unpacks ``(inputs, labels)`` tensors and counts their tokens)."""
+        yield from data_iterable
+        raise DataloaderExhaustedError()
+
     def train(self) -> dict[int, dict[str, dict[str, float]]]:
-        """Load, evaluate, run the steps; returns the eval results by step."""
-        config = self.job_config
-        self.load()
-        first_step = self.step + 1
-        logger.info(f"RL training starts at step {first_step}")
-        every = config.eval.every_steps
-        accuracies = {}
-        if every:
-            accuracies[self.step] = self.evaluate()
-        data_iterator = iter(self.dataloader)
-        while self.should_continue_training():
-            self.step += 1
-            self.gc_handler.run(self.step)
-            self.train_step(data_iterator)
-            if self.step == first_step:  # setup is done: the shorter timeout from now on
-                timeout = timedelta(seconds=config.comm.train_timeout_seconds)
-                set_pg_timeouts(timeout, self.parallel_dims)
-            if every and (self.step % every == 0 or self.step == config.training.steps):
-                accuracies[self.step] = self.evaluate()
-            self.checkpointer.save(self.step, last_step=self.step == config.training.steps)
-        return accuracies
+        """TorchTitan's loop, ``Trainer.train``, over the RL steps; -> eval results by step.
+
+        Its checkpoint load goes through the :class:`CheckpointGuard` (installed here if
+        the entry has not); the rest of the stage's start is ``_start``."""
+        guard_checkpointer(self)
+        super().train()
+        return self.accuracies
