@@ -423,3 +423,12 @@ def test_defaults_name_this_packages_model_and_dataset():
     config = MTPJobConfig()
     assert (config.model.name, config.model.flavor) == ("mtp_transformer", "debug")
     assert config.training.dataset == "arithmetic"
+
+
+def test_memory_snapshot_without_a_gpu_and_validation_without_sft_are_refused():
+    base = ["--job.config_file", "train_configs/debug_occ.toml"]
+    with pytest.raises(ConfigError, match="enable_memory_snapshot = true needs a GPU"):
+        parse_job_config([*base, "--profiling.enable_memory_snapshot"])
+    with pytest.raises(ConfigError, match="validation.enable = true validates the SFT"):
+        parse_job_config([*base, "--validation.enable", "--data.name", "gsm8k",
+                          "--training.steps", "0"])  # fmt: skip

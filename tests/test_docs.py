@@ -104,6 +104,8 @@ def test_config_reference_takes_subclass_docstrings_and_lists_limits():
 # Glossary entries the tiny job below cannot log, and the setting each needs.
 NEEDS_OTHER_SETTINGS = {
     ("sft", "validation_metrics/loss"): "[validation] enable",
+    ("sft", "validation_metrics/ce_loss/main"): "[validation] enable",
+    ("sft", "validation_metrics/mtp/ce_loss/head{k}"): "[validation] enable",
     ("sft", "validation_metrics/throughput(tps)"): "[validation] enable",
     ("sft", "validation_metrics/memory/max_active(GiB)"): "[validation] enable",
     ("sft", "validation_metrics/memory/max_active(%)"): "[validation] enable",

@@ -77,7 +77,7 @@ def profiled_and_validated(tmp_path_factory) -> Path:
 
 
 def test_profiling_writes_a_chrome_trace_during_sft(profiled_and_validated):
-    trace = profiled_and_validated / "profile_traces" / "iteration_2" / "rank0_trace.json"
+    trace = profiled_and_validated / "profile_traces" / "sft" / "iteration_2" / "rank0_trace.json"
     assert trace.is_file(), sorted(p.name for p in profiled_and_validated.rglob("*"))
     events = json.loads(trace.read_text())["traceEvents"]
     assert any(e.get("name") == "aten::mm" for e in events)

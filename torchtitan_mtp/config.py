@@ -26,6 +26,8 @@ from torchtitan.config.job_config import Checkpoint as TitanCheckpoint
 from torchtitan.config.job_config import Model as TitanModel
 from torchtitan.config.job_config import Training as TitanTraining
 
+from .platform import HAS_ACCELERATOR
+
 __all__ = [
     "MTP",
     "Checkpoint",
@@ -657,6 +659,16 @@ def validate_job_config(config: MTPJobConfig, source: str = "<config>") -> None:
     for variant in config.study.variants:
         if problem := variant_problem(variant):
             problems.append(f"study.variants: {problem}")
+    if config.profiling.enable_memory_snapshot and not HAS_ACCELERATOR:
+        problems.append(
+            "profiling.enable_memory_snapshot = true needs a GPU (torch.cuda.memory); this "
+            "machine has none"
+        )
+    if config.validation.enable and data.name != "arithmetic":
+        problems.append(
+            f"validation.enable = true validates the SFT objective on the arithmetic "
+            f"held-out split; data.name = {data.name!r} has no SFT stage"
+        )
     if rl.steps and (problem := _reward_problem(config.reward.function)):
         problems.append(problem)
     if problems:
@@ -749,6 +761,14 @@ def _reward_problem(name: str) -> str | None:
     except ValueError as e:
         return str(e)
     return None
+
+
+def stage_profiling_folders(config: JobConfig, stage: str) -> None:
+    """Profiler traces and memory snapshots of a stage in ``<folder>/<stage>``, so the RL
+    stage does not overwrite the SFT stage's ``iteration_N``."""
+    p = config.profiling
+    p.save_traces_folder = os.path.join(p.save_traces_folder, stage)
+    p.save_memory_snapshot_folder = os.path.join(p.save_memory_snapshot_folder, stage)
 
 
 STUDY_REGIMES = ("detach", "frozen", "ce", "policy", "occ")

@@ -28,7 +28,7 @@ from .checkpoints.integrity import (
     resumed_checkpoint_hint,
     verify_step,
 )
-from .config import ConfigError, MTPJobConfig, parse_job_config
+from .config import ConfigError, MTPJobConfig, parse_job_config, stage_profiling_folders
 from .models.logprobs import target_mask, token_logprobs
 
 __all__ = ["MTPTrainer", "main"]
@@ -210,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         if config.training.steps > 0:
             sft = copy.deepcopy(config)
             sft.checkpoint.folder = f"{folder}/sft"
+            stage_profiling_folders(sft, "sft")
             done = _final_checkpoint(sft, sft.checkpoint.folder, config.training.steps)
             if done is None or config.checkpoint.create_seed_checkpoint:
                 _run(MTPTrainer, sft)

@@ -42,7 +42,7 @@ from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
 
 from ..checkpoints.integrity import guard_checkpointer, resumed_checkpoint_hint
-from ..config import MTPJobConfig
+from ..config import MTPJobConfig, stage_profiling_folders
 from ..data.arithmetic import Problem
 from ..data.datasets import aime2025, apply_chat_template
 from ..data.tasks import rl_prompt_splits
@@ -93,6 +93,7 @@ def rl_stage_config(config: MTPJobConfig, init_load_path: str | None) -> MTPJobC
     rl.lr_scheduler.warmup_steps = config.rl.warmup_steps
     rl.lr_scheduler.decay_ratio = 0.0  # constant after warmup
     rl.checkpoint.folder = f"{config.checkpoint.folder}/rl"
+    stage_profiling_folders(rl, "rl")
     if init_load_path is not None:
         rl.checkpoint.initial_load_path = init_load_path
         rl.checkpoint.initial_load_model_only = True
