@@ -432,3 +432,13 @@ def test_memory_snapshot_without_a_gpu_and_validation_without_sft_are_refused():
     with pytest.raises(ConfigError, match="validation.enable = true validates the SFT"):
         parse_job_config([*base, "--validation.enable", "--data.name", "gsm8k",
                           "--training.steps", "0"])  # fmt: skip
+
+
+def test_vllm_refuses_unservable_flavors_and_an_unmasked_draft():
+    base = ["--job.config_file", "train_configs/debug_occ.toml", "--rollout.engine", "vllm"]
+    base += ["--rollout.speculative_tokens", "1"]
+    with pytest.raises(ConfigError, match="'qwen3_0_6b' cannot be served by rollout.engine"):
+        parse_job_config([*base, "--model.flavor", "qwen3_0_6b"])
+    with pytest.raises(ConfigError, match="mask_first_embedding = false with rollout.engine"):
+        parse_job_config([*base, "--mtp.mask_first_embedding", "False"])
+    assert parse_job_config(base).mtp.mask_first_embedding is None  # follows the engine

@@ -23,6 +23,7 @@ from torchtitan_mtp.checkpoints import (
     read_hf_state_dict,
 )
 from torchtitan_mtp.checkpoints.export import build_model, load_dcp_model_state
+from torchtitan_mtp.checkpoints.hf import bucket_nbytes, size_buckets
 from torchtitan_mtp.config import parse_job_config
 from torchtitan_mtp.data.tokenizer import ARITHMETIC_TOKENIZER
 from torchtitan_mtp.models import MTPTransformer, mtp_flavors
@@ -263,6 +264,26 @@ def test_export_load_round_trip_sharded(tmp_path, family, layout):
     assert_same_state(fresh.state_dict(), model.state_dict())
     for e, g in zip(hidden_states(model), hidden_states(fresh), strict=True):
         assert torch.equal(e, g)
+
+
+def test_size_buckets_pack_greedily_never_split_a_group_and_count_a_tied_tensor_once():
+    t = [torch.zeros(n) for n in (10, 10, 30, 5, 5)]  # float32: 40, 40, 120, 20, 20 bytes
+    tied = torch.zeros(20)  # 80 bytes under two names
+    groups = [[("a", t[0])], [("e", tied), ("h", tied)], [("b", t[1])], [("c", t[2])]]
+    groups += [[("d", t[3]), ("d.bias", t[4])]]
+    buckets = [[n for n, _ in b] for b in size_buckets(groups, 120)]
+    assert buckets == [["a", "e", "h"], ["b"], ["c"], ["d", "d.bias"]]
+    assert bucket_nbytes([("e", tied), ("h", tied)]) == 80
+    with pytest.raises(ValueError, match="positive"):
+        next(size_buckets(groups, 0))
+
+
+def test_vllm_unservable_flavors_are_those_whose_heads_do_not_tile_dim():
+    reasons = {name: args.vllm_unservable_reason() for name, args in mtp_flavors.items()}
+    for name, args in mtp_flavors.items():
+        assert (reasons[name] is None) == (args.head_dim * args.n_heads == args.dim), name
+    assert "head_dim = dim // n_heads = 64" in reasons["qwen3_0_6b"]
+    assert reasons["qwen3_1_7b"] is None and reasons["mimo_7b"] is None
 
 
 def test_config_json_fields(tmp_path):

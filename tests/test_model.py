@@ -36,7 +36,8 @@ def direct_head_logprob(model, tokens, k: int, t: int) -> torch.Tensor:
     """log p^k(y_t) computed from scratch: head k predicts x[:, t + 1] from position t - k.
 
     Label index t (labels[:, t] = x[:, t + 1]); head k works at position i = t - k,
-    reading the trunk state h^0_i, then embeddings of x[i + 1], ..., x[i + k].
+    reading the trunk state h^0_i, then embeddings of x[i + 1], ..., x[i + k]; with
+    ``mtp_mask_first_embedding`` every MTP module reads a zero embedding at position 0.
     """
     i = t - k
     emb = model.tok_embeddings(tokens)
@@ -48,6 +49,8 @@ def direct_head_logprob(model, tokens, k: int, t: int) -> torch.Tensor:
     else:
         for j, module in enumerate(model.mtp.values(), start=1):
             shifted = torch.roll(emb, shifts=-j, dims=1)  # position p reads x[p + j]
+            if model.model_args.mtp_mask_first_embedding:
+                shifted[:, 0] = 0
             h, hidden = module(h, shifted, model.rope_cache)
             if j == k:
                 break
@@ -55,9 +58,10 @@ def direct_head_logprob(model, tokens, k: int, t: int) -> torch.Tensor:
     return logits.log_softmax(-1).gather(-1, tokens[:, t + 1 : t + 2]).squeeze(-1)
 
 
+@pytest.mark.parametrize("mask", [False, True], ids=["unmasked", "position0_masked"])
 @pytest.mark.parametrize("num_mtp", [1, 3])
-def test_aligned_logprob_equals_direct_prediction_from_position_t_minus_k(num_mtp):
-    model = build(tiny_args(num_mtp))
+def test_aligned_logprob_equals_direct_prediction_from_position_t_minus_k(num_mtp, mask):
+    model = build(tiny_args(num_mtp, mtp_mask_first_embedding=mask))
     tokens = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
     labels = tokens[:, 1:].clone()
     labels[1, 7:] = IGNORE_INDEX  # a padded row

@@ -61,7 +61,9 @@ def make_bigram(model: MTPTransformer, draft_sign: float, noise: float = 0.0) ->
 
 
 @torch.no_grad()
-def make_shifted_trunk(scale: float = 0.3, num_mtp: int = 3, vocab: int = 64) -> MTPTransformer:
+def make_shifted_trunk(
+    scale: float = 0.3, num_mtp: int = 3, vocab: int = 64, mask_first_embedding: bool = False
+) -> MTPTransformer:
     """A one-layer trunk whose MTP modules are copies of its block reading only the
     embedding: module k re-runs the trunk on the sequence shifted by k (without its first
     k tokens), so drafts are context-dependent and right about half the time."""
@@ -71,6 +73,7 @@ def make_shifted_trunk(scale: float = 0.3, num_mtp: int = 3, vocab: int = 64) ->
         max_seq_len=64,
         num_mtp_modules=num_mtp,
         n_layers=1,
+        mtp_mask_first_embedding=mask_first_embedding,
     )
     torch.manual_seed(0)
     model = MTPTransformer(args)
@@ -113,12 +116,14 @@ def test_greedy_speculative_equals_plain_greedy_token_for_token(model, num_draft
 
 
 @torch.no_grad()
-def test_drafts_are_the_mtp_modules_teacher_forced_predictions():
+@pytest.mark.parametrize("mask", [False, True], ids=["unmasked", "position0_masked"])
+def test_drafts_are_the_mtp_modules_teacher_forced_predictions(mask):
     """Acceptance counts equal a simulation from ONE training forward of the MTP modules on
     the final sequence: draft k of a round is module k's argmax at the last fed position,
     given the accepted tokens. Stale draft entries in the modules' KV caches would change
-    the counts."""
-    model, num_drafts, max_new = make_shifted_trunk(), 3, 24
+    the counts. With and without vLLM's zero embedding at position 0 (the one-token prompt
+    drafts its first round there)."""
+    model, num_drafts, max_new = make_shifted_trunk(mask_first_embedding=mask), 3, 24
     params = SamplingParams(max_new_tokens=max_new, temperature=0.0)
     engine = NativeRolloutEngine(model, speculative_tokens=num_drafts)
     engine.generate(PROMPTS, params)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from torchtitan_mtp.checkpoints.adapter import MTPStateDictAdapter
+from torchtitan_mtp.checkpoints.hf import bucket_nbytes
 from torchtitan_mtp.config import ConfigError, MTPConfigManager
 from torchtitan_mtp.models import MTPTransformer, mtp_flavors
 from torchtitan_mtp.rollout import SamplingParams
@@ -85,6 +86,42 @@ def test_buckets_respect_the_size_limit_keep_order_and_cast():
     assert stats.bytes == sum(sizes) and stats.tensors == len(flat)
     with pytest.raises(ValueError, match="bucket_bytes"):
         next(hf_weight_buckets(m, adapter, 0))
+
+
+def vllm_alias_check(bucket) -> None:
+    """vLLM 0.33's tied-weight rule for one ``load_weights`` call of a tied target model
+    (vllm/model_executor/models/utils.py, ``AutoWeightsLoader._filter_skipped`` and
+    ``_check_skipped_aliases``): ``lm_head.weight`` is skipped as an alias of
+    ``model.embed_tokens.weight``, which must then load in the same call."""
+    names = {name for name, _ in bucket}
+    if "lm_head.weight" in names and "model.embed_tokens.weight" not in names:
+        raise ValueError("'lm_head.weight' was skipped because it is tied to ...")
+
+
+def test_a_tied_embedding_larger_than_a_bucket_travels_with_its_lm_head():
+    """qwen3_1_7b's tied embedding (622 MB) exceeds the default 512 MiB buckets; here a
+    16 KiB embedding and 12 KB buckets. In state-dict order the head comes last: it must
+    not arrive in a bucket of its own."""
+    m = model(enable_weight_tying=True)
+    adapter = MTPStateDictAdapter(m.model_args, mtp_layout="mimo")
+    embedding = m.tok_embeddings.weight
+    limit = 12_000
+    assert embedding.numel() * embedding.element_size() > limit
+    stats = BucketStats()
+    buckets = list(hf_weight_buckets(m, adapter, limit, stats=stats))
+    for bucket in buckets:
+        vllm_alias_check(bucket)
+    first = dict(buckets[0])
+    assert list(first) == ["model.embed_tokens.weight", "lm_head.weight"]
+    assert first["lm_head.weight"] is first["model.embed_tokens.weight"]  # one copy
+    assert torch.equal(first["lm_head.weight"], embedding)
+    assert bucket_nbytes(buckets[0]) == embedding.numel() * embedding.element_size()
+    # The other buckets over the limit hold one parameter (a q/k/v weight with its zero bias).
+    over = [b for b in buckets[1:] if bucket_nbytes(b) > limit]
+    assert over and all(len({n.rsplit(".", 1)[0] for n, _ in b}) == 1 for b in over)
+    assert stats.largest_bucket_bytes == max(bucket_nbytes(b) for b in buckets)
+    names = [n for b in buckets for n, _ in b]
+    assert len(names) == len(set(names)) == len(adapter.to_hf(m.state_dict()))
 
 
 def test_vllm_engine_says_what_to_install_when_vllm_is_missing():

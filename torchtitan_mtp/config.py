@@ -72,6 +72,11 @@ class MTP:
     draft_coefficient: float = field(default=1.0, metadata={"ge": 0})
     """Weight of the draft objective (per head, token-mean CE)"""
 
+    mask_first_embedding: bool | None = None
+    """MTP modules read a zero token embedding at position 0, as vLLM's MiMo/DeepSeek MTP
+    drafters do; false: the unmasked input of Megatron-LM / TorchTitan's MTP; unset: true
+    exactly when rollout.engine = "vllm" (the draft served is the draft trained)"""
+
 
 @dataclass
 class OCC:
@@ -637,6 +642,21 @@ def validate_job_config(config: MTPJobConfig, source: str = "<config>") -> None:
             "(MiMoMTP asserts spec_step_idx == 0), so set it to 0 or 1; the native "
             "engine drafts with every module"
         )
+    if rollout.engine == "vllm":
+        from .models import MODEL_NAME, mtp_flavors  # lazy: config stays import-light
+
+        flavor = mtp_flavors.get(config.model.flavor) if config.model.name == MODEL_NAME else None
+        if flavor is not None and (reason := flavor.vllm_unservable_reason()):
+            problems.append(
+                f"model.flavor = {config.model.flavor!r} cannot be served by rollout.engine = "
+                f'"vllm": {reason}; use engine = "native"'
+            )
+        if rollout.speculative_tokens and mtp.mask_first_embedding is False:
+            problems.append(
+                'mtp.mask_first_embedding = false with rollout.engine = "vllm" and speculative '
+                "tokens: vLLM zeroes the draft's position-0 embedding, so the draft it serves "
+                "would not be the draft trained; leave it unset"
+            )
     if rollout.engine == "vllm" and degree > 1:
         problems.append(
             'rollout.engine = "vllm" runs one tensor_parallel_size=1 engine per rank (data '

@@ -30,6 +30,7 @@ from .checkpoints.integrity import (
 )
 from .config import ConfigError, MTPJobConfig, parse_job_config, stage_profiling_folders
 from .models.logprobs import target_mask, token_logprobs
+from .models.parallelize import dp_sum
 
 __all__ = ["MTPTrainer", "main"]
 
@@ -45,12 +46,6 @@ class MTPTrainer(Trainer):
         super().__init__(job_config)
         self.num_heads = job_config.mtp.num_modules + 1
         self.detach_mtp = job_config.mtp.regime == "detach"
-
-    def _global_sum(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum a tensor over the data-parallel ranks (identity without DP)."""
-        if self.parallel_dims.dp_enabled:
-            dist.all_reduce(x, group=self.parallel_dims.get_mesh("batch").get_group())
-        return x
 
     def forward_backward_step(
         self,
@@ -80,7 +75,7 @@ class MTPTrainer(Trainer):
         counts = torch.zeros(self.num_heads, device=self.device)
         for _, labels in microbatches:
             counts += target_mask(labels, self.num_heads, None).sum(dim=(1, 2)).to(self.device)
-        counts = self._global_sum(counts)
+        counts = dp_sum(counts, self.parallel_dims)
 
         loss = torch.zeros((), device=self.device)
         ce_sums = torch.zeros(self.num_heads, device=self.device)
@@ -112,7 +107,7 @@ class MTPTrainer(Trainer):
         self.optimizers.step()
         self.lr_schedulers.step()
 
-        totals = self._global_sum(torch.cat([loss.reshape(1), ce_sums, top1]))
+        totals = dp_sum(torch.cat([loss.reshape(1), ce_sums, top1]), self.parallel_dims)
         loss, ce_sums, top1 = totals[0], *totals[1:].split(self.num_heads)
         ce = ce_sums / counts.clamp(min=1)
         agreement = top1 / counts.clamp(min=1)

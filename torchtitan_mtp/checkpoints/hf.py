@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,13 @@ __all__ = [
     "DEFAULT_MAX_SHARD_BYTES",
     "TOKENIZER_FILES",
     "HFLoadInfo",
+    "NamedTensors",
+    "bucket_nbytes",
     "export_hf",
     "hf_config",
     "load_hf_checkpoint",
     "read_hf_state_dict",
+    "size_buckets",
     "write_hf_metadata",
 ]
 
@@ -239,11 +243,13 @@ def hf_config(
 
 
 def _warn_unservable(a: MTPModelArgs, mtp_layout: MTPLayout) -> None:
-    if mtp_layout == "mimo" and a.head_dim * a.n_heads != a.dim:
+    if mtp_layout == "mimo" and (reason := a.vllm_unservable_reason()):
+        logger.warning(f"MiMo export: vLLM 0.33 cannot serve this checkpoint: {reason}")
+    if mtp_layout == "mimo" and a.num_mtp_modules and not a.mtp_mask_first_embedding:
         logger.warning(
-            f"MiMo export: vLLM's MiMo/Qwen2 attention uses head_dim = hidden_size // "
-            f"num_attention_heads = {a.dim // a.n_heads}, this model has head_dim "
-            f"{a.head_dim}; vLLM 0.33 cannot serve this checkpoint"
+            "MiMo export of a model trained with mtp_mask_first_embedding = False: vLLM's "
+            "MiMo drafter zeroes the token embedding at position 0, so the draft it serves "
+            "differs from the trained one there and, through attention, after it"
         )
     if mtp_layout == "deepseek":
         arch, model_type = _TRUNK_ARCH[a.family]
@@ -272,17 +278,38 @@ def _to_cpu_state_dict(
     }
 
 
-def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    shards: list[dict[str, torch.Tensor]] = [{}]
+NamedTensors = list[tuple[str, torch.Tensor]]
+
+
+def bucket_nbytes(bucket: NamedTensors) -> int:
+    """Bytes of a bucket's distinct tensors (a tensor under two names, tied, counts once)."""
+    unique = {id(t): t for _, t in bucket}
+    return sum(t.numel() * t.element_size() for t in unique.values())
+
+
+def size_buckets(groups: Iterable[NamedTensors], max_bytes: int) -> Iterator[NamedTensors]:
+    """Pack groups of named tensors, in order, into buckets of at most ``max_bytes``.
+
+    Greedy: a bucket closes before the next group would take it over ``max_bytes``. A group
+    is never split, so tensors that must travel together (a tied pair: one tensor under two
+    names, which counts once) share a bucket; a group larger than ``max_bytes`` is a bucket of
+    its own. Groups are drawn lazily: at most one bucket and the next group are alive. The
+    one definition of size bucketing: the export's safetensors shards and the rollout
+    engine's weight-sync buckets.
+    """
+    if max_bytes <= 0:
+        raise ValueError(f"the bucket size must be positive, got {max_bytes}")
+    bucket: NamedTensors = []
     size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
+    for group in groups:
+        nbytes = bucket_nbytes(group)
+        if bucket and size + nbytes > max_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket += group
         size += nbytes
-    return shards
+    if bucket:
+        yield bucket
 
 
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
@@ -409,7 +436,8 @@ def export_hf(
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
-        shards = _shards(tensors, max_shard_bytes)
+        items = ([item] for item in tensors.items())
+        shards = [dict(shard) for shard in size_buckets(items, max_shard_bytes)]
         meta = {"format": "pt"}
         if len(shards) == 1:
             save_file(shards[0], str(tmp / SAFETENSORS_FILE), metadata=meta)

@@ -19,6 +19,7 @@ from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.config import JobConfig
 
 from ..models.logprobs import IGNORE_INDEX
+from .tokenizer import pad_id
 
 __all__ = [
     "Problem",
@@ -136,7 +137,7 @@ class SFTDataset(ProblemStream):
     ):
         super().__init__(problems, seed, dp_rank, dp_world_size)
         self.tokenizer, self.seq_len = tokenizer, seq_len
-        self.pad_id = tokenizer.tokenizer.token_to_id("<pad>") or 0
+        self.pad_id = pad_id(tokenizer)
 
     def encode(self, problem: Problem) -> tuple[torch.Tensor, torch.Tensor]:
         """-> input ids [seq_len], labels [seq_len]."""

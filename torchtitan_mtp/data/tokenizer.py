@@ -89,6 +89,13 @@ def tokenizer_dir(job_config: JobConfig) -> str:
     return path
 
 
+def pad_id(tokenizer: HuggingFaceTokenizer) -> int:
+    """The id that pads batches: ``<pad>`` when the vocabulary has it, else 0 (padded
+    positions are masked out of every loss and never attended to by real tokens)."""
+    found = tokenizer.tokenizer.token_to_id("<pad>")
+    return 0 if found is None else found
+
+
 def build_tokenizer(job_config: JobConfig) -> HuggingFaceTokenizer:
     """The TrainSpec tokenizer builder: TorchTitan's HF tokenizer from ``hf_assets_path``.
 

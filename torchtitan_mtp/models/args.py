@@ -33,8 +33,30 @@ class MTPModelArgs(Qwen3ModelArgs):
     """K, the number of DeepSeek-V3-style MTP modules."""
     mtp_init: Literal["random", "last_block"] = "random"
     """Fresh MTP blocks: TorchTitan's random init, or a copy of the last trunk block."""
+    mtp_mask_first_embedding: bool = False
+    """MTP modules read a zero token embedding at sequence position 0, as vLLM's MiMo and
+    DeepSeek MTP drafters do, so that vLLM serves the draft we train. False: the unmasked
+    input of the training codebases (Megatron-LM's MTP, TorchTitan 0.3.0's DeepSeek-V3 MTP,
+    the DeepSeek-V3 paper). The native engine drafts exactly as training does either way.
+    From a job config: ``[mtp] mask_first_embedding``, or when unset, on exactly when
+    ``[rollout] engine = "vllm"``."""
     logprob_chunk_size: int = 1024
     """Sequence chunk of the log-prob computation (bounds the [B, chunk, vocab] logits)."""
+
+    def vllm_unservable_reason(self) -> str | None:
+        """Why vLLM 0.33 cannot serve this model as ``MiMoForCausalLM`` (None: it can).
+
+        vLLM's MiMo is its Qwen2 model, whose attention derives the head size as
+        ``hidden_size // num_attention_heads`` (vllm/model_executor/models/qwen2.py,
+        ``Qwen2Attention.__init__``) and ignores ``head_dim``.
+        """
+        if self.head_dim * self.n_heads != self.dim:
+            return (
+                f"head_dim x n_heads = {self.head_dim} x {self.n_heads} != dim = {self.dim}: "
+                f"vLLM's MiMo/Qwen2 attention uses head_dim = dim // n_heads = "
+                f"{self.dim // self.n_heads}"
+            )
+        return None
 
     def update_from_config(self, job_config: JobConfig, **kwargs) -> None:
         super().update_from_config(job_config, **kwargs)
@@ -42,6 +64,10 @@ class MTPModelArgs(Qwen3ModelArgs):
         if mtp is not None:
             self.num_mtp_modules = mtp.num_modules
             self.mtp_init = mtp.init
+            mask = mtp.mask_first_embedding
+            if mask is None:  # follow the engine that will serve the drafts
+                mask = getattr(getattr(job_config, "rollout", None), "engine", None) == "vllm"
+            self.mtp_mask_first_embedding = mask
             self.logprob_chunk_size = mtp.logprob_chunk_size
         if self.n_heads % self.n_kv_heads:
             raise ValueError(

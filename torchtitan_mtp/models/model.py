@@ -7,6 +7,15 @@ without QK-norm; their RoPE uses the rotate-half convention of HF checkpoints, a
 Llama-3.1 frequency scaling comes from TorchTitan's llama3 code.
 
 Shapes: B batch, S sequence, D dim, V vocab, K MTP modules, H = K + 1 heads.
+
+Position 0 (``mtp_mask_first_embedding``, off by default as in the training codebases):
+every MTP module reads a zero token embedding where the sequence position is 0, as vLLM's
+MTP drafters do (vLLM 0.33: vllm/model_executor/models/mimo_mtp.py
+``MiMoMultiTokenPredictorLayer.forward`` and deepseek_mtp.py
+``DeepSeekMultiTokenPredictorLayer.forward`` zero ``inputs_embeds`` where ``positions == 0``).
+vLLM's proposer gives the draft at position i the target's h_i and the embedding of token
+i + 1, i.e. our module 1's inputs at index i, so vLLM's position 0 is index 0 here (or
+wherever ``positions`` restarts at 0).
 """
 
 from __future__ import annotations
@@ -26,7 +35,14 @@ from torchtitan.protocols.train_spec import ModelProtocol
 
 from .args import MTPModelArgs
 
-__all__ = ["MTPModule", "MTPTransformer", "OutputHead", "TokenStats", "TransformerBlock"]
+__all__ = [
+    "MTPModule",
+    "MTPTransformer",
+    "OutputHead",
+    "TokenEmbedding",
+    "TokenStats",
+    "TransformerBlock",
+]
 
 
 def build_rope_cache(args: MTPModelArgs) -> torch.Tensor:
@@ -60,11 +76,25 @@ class TransformerBlock(Qwen3Block):
                 nn.init.zeros_(bias)
 
 
+class TokenEmbedding(nn.Embedding):
+    """The token embedding; rows of ``zero`` read a zero vector instead of their token's.
+
+    The zeroing happens inside the embedding call, on the full sequence, so it is right
+    whatever layout a parallelism plan gives the output (e.g. sequence-sharded under TP).
+    """
+
+    def forward(self, tokens: torch.Tensor, zero: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [N, S], zero: bool [N, S] | None -> embeddings [N, S, D]."""
+        emb = super().forward(tokens)
+        return emb if zero is None else emb.masked_fill(zero.unsqueeze(-1), 0.0)
+
+
 class MTPModule(nn.Module):
     """MTP module k: ``h^k = TRM_k(eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1})]))``.
 
     The embedding half comes first (DeepSeek order). ``norm`` is the module's own final
-    norm in front of the shared output head.
+    norm in front of the shared output head. ``emb`` arrives as the module should read it:
+    ``MTPTransformer`` zeroes it at position 0 (``mtp_mask_first_embedding``).
     """
 
     def __init__(self, layer_id: int, args: MTPModelArgs):
@@ -175,7 +205,7 @@ class MTPTransformer(ModelProtocol):
         super().__init__(model_args)
         args = model_args
         self.model_args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.tok_embeddings = TokenEmbedding(args.vocab_size, args.dim)
         self.register_buffer("rope_cache", build_rope_cache(args), persistent=False)
         self.layers = nn.ModuleDict(
             {str(i): TransformerBlock(i, args) for i in range(args.n_layers)}
@@ -236,7 +266,9 @@ class MTPTransformer(ModelProtocol):
 
         Entry 0 is the trunk's ``norm(h^0)``; entry k is MTP module k's ``norm_k(h^k)``.
         Position i of entry k predicts token ``t_{i+k+1}``; module k reads ``Emb(t_{i+k})``,
-        so its last k positions see padding and have no valid prediction.
+        so its last k positions see padding and have no valid prediction. With
+        ``mtp_mask_first_embedding`` module k reads a zero embedding where the position is 0
+        (index 0 when ``positions`` is None), as vLLM's drafter does.
         ``detach_mtp_inputs`` (Detach regime) feeds the MTP modules ``h^0.detach()`` and
         detached embeddings, so MTP losses put no gradient on the trunk or the embedding.
         ``draft_pass`` appends K more entries: a second pass of the MTP modules on detached
@@ -248,7 +280,14 @@ class MTPTransformer(ModelProtocol):
         batch = tokens.shape[0]
         # One embedding call for the trunk and all K shifted inputs (one FSDP/TP unit call).
         shifted = [tokens] + [_roll_left(tokens, k) for k in range(1, num_mtp + 1)]
-        embs = self.tok_embeddings(torch.cat(shifted, dim=0)).split(batch, dim=0)
+        ids = torch.cat(shifted, dim=0)
+        if num_mtp and self.model_args.mtp_mask_first_embedding:
+            first = _first_positions(tokens, positions)
+            zero = torch.cat([torch.zeros_like(first)] + [first] * num_mtp, dim=0)
+            embs = self.tok_embeddings(ids, zero)
+        else:
+            embs = self.tok_embeddings(ids)
+        embs = embs.split(batch, dim=0)
         h = embs[0]
         for layer in self.layers.values():
             h = layer(h, self.rope_cache, None, positions)
@@ -261,6 +300,15 @@ class MTPTransformer(ModelProtocol):
                 h, normed = module(h, emb, self.rope_cache, positions)
                 hidden.append(normed)
         return hidden
+
+
+def _first_positions(tokens: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """bool [B, S]: where the sequence position is 0 (``positions`` [B | 1, S] or None)."""
+    if positions is None:
+        first = torch.zeros_like(tokens, dtype=torch.bool)
+        first[:, 0] = True
+        return first
+    return (positions == 0).expand_as(tokens)
 
 
 def _roll_left(tokens: torch.Tensor, k: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ from torchtitan.tools.logging import logger
 from ..platform import enable_gloo_sum_reduction
 from .model import MTPTransformer, TokenStats
 
-__all__ = ["SAC_SAVE_OPS", "apply_fsdp", "apply_tp", "parallelize_mtp"]
+__all__ = ["SAC_SAVE_OPS", "apply_fsdp", "apply_tp", "dp_sum", "parallelize_mtp"]
 
 # Selective (op) activation checkpointing saves these ops' outputs and recomputes the
 # rest. TorchTitan 0.2.2 has no public list: each model keeps its own private
@@ -227,3 +227,10 @@ def apply_fsdp(
     fully_shard(model, **config)
     disable_fsdp_gradient_division(model)
     enable_gloo_sum_reduction(model)
+
+
+def dp_sum(x: torch.Tensor, parallel_dims: ParallelDims) -> torch.Tensor:
+    """Sum ``x`` over the data-parallel ranks, in place (identity without DP)."""
+    if parallel_dims.dp_enabled:
+        torch.distributed.all_reduce(x, group=parallel_dims.get_mesh("batch").get_group())
+    return x

@@ -46,9 +46,10 @@ from ..config import MTPJobConfig, stage_profiling_folders
 from ..data.arithmetic import Problem
 from ..data.datasets import aime2025, apply_chat_template
 from ..data.tasks import rl_prompt_splits
-from ..data.tokenizer import tokenizer_dir
+from ..data.tokenizer import pad_id, tokenizer_dir
 from ..evaluation import EvalSums, evaluate_set, format_table
 from ..models.logprobs import IGNORE_INDEX, target_mask, token_logprobs
+from ..models.parallelize import dp_sum
 from ..rewards import get_reward_function, score_batch
 from ..rollout.base import Completion, RolloutEngine, SamplingParams, SpecDecodeStats
 from ..rollout.native import NativeRolloutEngine
@@ -58,6 +59,7 @@ from .losses import (
     grpo_advantages,
     overlong_reward_penalty,
     truncated_is_weights,
+    valid_counts,
 )
 from .objective import RLObjective, RolloutBatch
 from .occ import PROXY_ESTIMATORS, OCCCalibrator, proxy_estimate
@@ -167,7 +169,7 @@ class RLTrainer(Trainer):
         _, self.heldout = rl_prompt_splits(job_config)
         # Chat-rendered prompts carry their own special tokens; plain ones get <bos>.
         self.add_bos = not job_config.data.chat_template
-        self.pad_id = self.tokenizer.tokenizer.token_to_id("<pad>") or 0
+        self.pad_id = pad_id(self.tokenizer)
         self.ref_model = self._build_reference_model() if rl.kl_coef > 0 else None
         self._started = False  # ``_start`` ran (the first train_step of this run)
         self.accuracies: dict[int, dict[str, dict[str, float]]] = {}  # eval results by step
@@ -256,11 +258,6 @@ class RLTrainer(Trainer):
             for p_ref, p in zip(self.ref_model.parameters(), self.model.parameters(), strict=True):
                 p_ref.copy_(p)
 
-    def _global_sum(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dp_group is not None:
-            dist.all_reduce(x, group=self.dp_group)
-        return x
-
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         if self.ref_model is not None:
@@ -338,13 +335,9 @@ class RLTrainer(Trainer):
     def _counts(self, micro_batches: list[RolloutBatch]) -> dict[str, torch.Tensor]:
         """Global valid tokens and sequences per head [H] over one mini-batch."""
         heads = self.num_mtp + 1
-        tokens, seqs = torch.zeros(heads), torch.zeros(heads)
-        for mb in micro_batches:
-            mask = target_mask(mb.labels, heads, None)  # [H, B, T]
-            tokens += mask.sum(dim=(1, 2))
-            seqs += mask.any(dim=2).sum(dim=1)
-        both = self._global_sum(torch.cat([tokens, seqs]).to(self.device))
-        return {"tokens": both[:heads], "seqs": both[heads:]}
+        local = sum(valid_counts(target_mask(mb.labels, heads, None)) for mb in micro_batches)
+        both = dp_sum(local.to(self.device), self.parallel_dims)  # [H, 2]
+        return {"tokens": both[:, 0], "seqs": both[:, 1]}
 
     # ---------------------------------------------------------------- the step
 
@@ -463,7 +456,7 @@ class RLTrainer(Trainer):
         width = self.job_config.rollout.speculative_tokens
         per_pos = (stats.accepted_per_pos + [0] * width)[:width]
         counts = torch.tensor([stats.num_drafts, stats.num_draft_tokens, *per_pos])
-        total = self._global_sum(counts.to(self.device)).cpu().tolist()
+        total = dp_sum(counts.to(self.device), self.parallel_dims).cpu().tolist()
         return SpecDecodeStats(total[0], total[1], total[2:]).metrics()
 
     def _truncated_importance_sampling(self, batch: RolloutBatch) -> dict[str, float]:
@@ -479,7 +472,7 @@ class RLTrainer(Trainer):
         sums = torch.tensor(
             [float(weight[mask].sum()), float((weight[mask] >= cap).sum()), float(mask.sum())]
         )
-        w_sum, truncated, tokens = self._global_sum(sums.to(self.device)).cpu().tolist()
+        w_sum, truncated, tokens = dp_sum(sums.to(self.device), self.parallel_dims).cpu().tolist()
         return {
             "rollout/tis_weight_mean": w_sum / max(tokens, 1),
             "rollout/tis_truncated_fraction": truncated / max(tokens, 1),
@@ -641,7 +634,7 @@ class RLTrainer(Trainer):
         )
         keys = sorted(log)
         values = torch.tensor([log[k] for k in keys], dtype=torch.float32)
-        totals = self._global_sum(torch.cat([sums, values]).to(self.device)).cpu()
+        totals = dp_sum(torch.cat([sums, values]).to(self.device), self.parallel_dims).cpu()
         (acc, reward, length, count, mism, mism_n, clipped, tokens, seq_tokens) = totals[
             :9
         ].tolist()
@@ -727,7 +720,9 @@ class RLTrainer(Trainer):
                 sampled=self._sampling_params(self._step_seed(step, salt=1)),
                 k=k,
             )
-            sums = EvalSums.from_tensor(self._global_sum(sums.tensor().to(self.device)).cpu())
+            sums = EvalSums.from_tensor(
+                dp_sum(sums.tensor().to(self.device), self.parallel_dims).cpu()
+            )
             metrics = sums.metrics(k)
             results[name] = metrics
             rows[name] = (int(sums.problems), metrics)

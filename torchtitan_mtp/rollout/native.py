@@ -10,7 +10,8 @@ evaluates the trunk from the model's own weights:
     logits = norm(h) @ output.weight^T
 
 and MTP module k the same way: ``h^k = block_k(eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1})]))``,
-``logits^k = norm_k(h^k) @ output.weight^T``.
+``logits^k = norm_k(h^k) @ output.weight^T``, with ``Emb`` zero at position 0 when the model's
+``mtp_mask_first_embedding`` is set (as in training and in vLLM's drafter).
 
 Layout: every cache is indexed by token position, per row. Row b of the KV cache
 ([B, n_kv_heads_local, L, head_dim] per layer) holds the keys of its own positions
@@ -182,6 +183,7 @@ class _Weights:
     norm: _Norm
     output: torch.Tensor  # [V, D], replicated
     mtp: list[_MTPModule]  # the first K modules, K = speculative tokens
+    mtp_mask_first_embedding: bool  # MTP modules read a zero embedding at position 0
     rope_cache: torch.Tensor  # [max_seq_len, 2 * head_dim]
     head_dim: int
     n_heads: int  # local
@@ -205,6 +207,7 @@ class _Weights:
             norm=_Norm.of(model.norm),
             output=_local(model.output.weight),
             mtp=[_MTPModule.of(model.mtp[str(k)]) for k in range(num_mtp)],
+            mtp_mask_first_embedding=args.mtp_mask_first_embedding,
             rope_cache=model.rope_cache,
             head_dim=head_dim,
             n_heads=n_heads,
@@ -400,6 +403,8 @@ def _mtp(
     """MTP module k (1-based): h^{k-1} [B, T, D] and tokens t_{i+k} [B, T] -> h^k [B, T, D]."""
     mod = w.mtp[k - 1]
     emb = F.embedding(tokens, w.embedding)
+    if w.mtp_mask_first_embedding:
+        emb = emb.masked_fill((positions == 0).unsqueeze(-1), 0.0)
     x = _linear(torch.cat([mod.enorm(emb), mod.hnorm(h_prev)], dim=-1), mod.eh_proj)
     return _blocks(w, [mod.block], x, positions, cache, end)
 

@@ -18,7 +18,14 @@ Design (vLLM 0.33; see the README's "Rollouts with vLLM"):
   (``weight_sync.hf_weight_buckets``). The trunk goes to the target model's
   ``load_weights`` (which skips ``mtp_layers``) and the MTP modules to the speculative
   draft model's ``load_weights``: pushing only the target leaves a stale draft (users report
-  acceptance falling to ~0 %). ``weight_version`` counts syncs.
+  acceptance falling to ~0 %). A tied embedding and ``lm_head`` travel in one bucket: the
+  engine loads dummy weights, so vLLM keeps them tied and its loader skips ``lm_head.weight``
+  as an alias that must load with ``model.embed_tokens.weight`` in the same call; the MTP
+  draft shares the target's embedding and head (``SpecDecodeBaseProposer.load_model``).
+  ``weight_version`` counts syncs.
+- The draft: vLLM's MiMo MTP layer zeroes its token embedding at position 0, as our model
+  does with ``mtp_mask_first_embedding`` (tests/test_mtp_fidelity.py); without it the
+  served draft differs from the trained one.
 - Log-probs: vLLM's default ``logprobs_mode="raw_logprobs"``, the sampled token's log-prob
   under the unmodified model distribution, as the native engine reports.
 - Acceptance: vLLM's spec-decode counters (``LLM.get_metrics``) differenced per call.
@@ -178,6 +185,13 @@ class VLLMRolloutEngine:
             )
         if speculative_tokens and not args.num_mtp_modules:
             raise ValueError("speculative_tokens > 0 needs MTP modules (mtp.num_modules >= 1)")
+        if reason := args.vllm_unservable_reason():
+            raise ValueError(f"vLLM 0.33 cannot serve this model as MiMoForCausalLM: {reason}")
+        if speculative_tokens and not args.mtp_mask_first_embedding:
+            logger.warning(
+                "mtp_mask_first_embedding = False: vLLM's MiMo drafter zeroes the token "
+                "embedding at position 0, so its drafts differ from the trained MTP module's"
+            )
         self.model = model
         self.adapter = MTPStateDictAdapter(args, mtp_layout="mimo")
         self.speculative_tokens = speculative_tokens
