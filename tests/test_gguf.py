@@ -95,3 +95,14 @@ def test_logits_and_tokens_match_transformers_gguf_loader(tmp_path):
     )
     for text in ("Hello world! 12345 + 678 = ?", "<|im_start|>user\nÇa va?<|im_end|>"):
         assert ours_tok.encode(text).ids == hf_tok(text)["input_ids"]
+
+
+def test_the_export_copies_the_gguf_tokenizer_of_a_from_gguf_job():
+    from torchtitan_mtp.checkpoints.export import _tokenizer_dir
+    from torchtitan_mtp.config import parse_job_config
+
+    config = parse_job_config(
+        ["--model.flavor", "smollm2_135m", "--model.gguf_file", "smollm2",
+         "--model.hf_assets_path", "from_gguf", "--training.steps", "0"]
+    )  # fmt: skip
+    assert (_tokenizer_dir(config) / "tokenizer.json").is_file()

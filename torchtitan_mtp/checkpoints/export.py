@@ -22,18 +22,17 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.protocols.train_spec import get_train_spec
 from torchtitan.tools.logging import init_logger, logger
 
 from ..config import MTPJobConfig, parse_job_config
-from ..data.tokenizer import ARITHMETIC_TOKENIZER, BUILTIN_ARITHMETIC
+from ..data.tokenizer import tokenizer_dir
 from ..models.args import MTPModelArgs
 from .adapter import MTP_LAYOUTS
 from .hf import DEFAULT_MAX_SHARD_BYTES, export_hf
 
 __all__ = ["build_model", "load_dcp_model_state", "main"]
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_model(config: MTPJobConfig) -> tuple[nn.Module, MTPModelArgs]:
@@ -80,12 +79,12 @@ def load_dcp_model_state(model: nn.Module, checkpoint: str | Path) -> None:
 
 
 def _tokenizer_dir(config: MTPJobConfig) -> Path | None:
-    path = config.model.hf_assets_path
-    if path == BUILTIN_ARITHMETIC:
-        return ARITHMETIC_TOKENIZER
-    if path and Path(path, "tokenizer.json").is_file():
-        return Path(path)
-    return None
+    """The job's tokenizer directory (``data.tokenizer.tokenizer_dir``: builtin, from_gguf,
+    or a path), or None when it has none to copy."""
+    try:
+        return Path(tokenizer_dir(config))
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tokenizer-dir", default=None, help="default: the job's [model] hf_assets_path"
     )
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: keep")
+    dtypes = sorted(TORCH_DTYPE_MAP)
+    parser.add_argument("--dtype", choices=dtypes, default=None, help="default: keep")
     parser.add_argument("--max-shard-bytes", type=int, default=DEFAULT_MAX_SHARD_BYTES)
     parser.add_argument("--overwrite", action="store_true")
     opts, rest = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         mtp_layout=opts.mtp_layout,
         tokenizer_dir=tokenizer_dir,
         max_shard_bytes=opts.max_shard_bytes,
-        dtype=_DTYPES[opts.dtype] if opts.dtype else None,
+        dtype=TORCH_DTYPE_MAP[opts.dtype] if opts.dtype else None,
         overwrite=opts.overwrite,
     )
     print(out)
