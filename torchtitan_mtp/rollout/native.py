@@ -86,17 +86,6 @@ def _local(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.detach()
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    """Strip activation-checkpoint and torch.compile wrappers."""
-    while True:
-        if hasattr(module, "_checkpoint_wrapped_module"):
-            module = module._checkpoint_wrapped_module
-        elif hasattr(module, "_orig_mod"):
-            module = module._orig_mod
-        else:
-            return module
-
-
 @dataclass
 class _Norm:
     weight: torch.Tensor | None
@@ -132,7 +121,8 @@ class _Block:
 
     @classmethod
     def of(cls, block: nn.Module) -> _Block:
-        block = _unwrap(block)
+        # Activation-checkpoint and torch.compile wrappers forward attribute lookups to
+        # the wrapped block (CheckpointWrapper / OptimizedModule.__getattr__).
         attn, ffn = block.attention, block.feed_forward
         return cls(
             attention_norm=_Norm.of(block.attention_norm),
@@ -198,7 +188,7 @@ class _Weights:
         n_heads = blocks[0].wq.shape[0] // head_dim
         n_kv_heads = blocks[0].wk.shape[0] // head_dim
         if n_heads != args.n_heads:  # column-sharded q/k/v: tensor parallel
-            tp_group = tp_group or _tp_group_of(_unwrap(model.layers["0"]).attention.wq.weight)
+            tp_group = tp_group or _tp_group_of(model.layers["0"].attention.wq.weight)
         else:
             tp_group = None
         return cls(
