@@ -311,3 +311,16 @@ def test_num_heldout_that_takes_every_row_is_an_error(tmp_path):
     config, path = _file_job(tmp_path, rows, "--data.num_heldout", "4")
     with pytest.raises(ValueError, match=r"has 3 usable rows, and data.num_heldout = 4"):
         rl_prompt_splits(config)
+
+
+def test_chat_template_environment_is_transformers_like():
+    from torchtitan_mtp.data.datasets import render_chat_template
+
+    template = (
+        "{% for m in messages %}{% if m.role == 'stop' %}{% break %}{% endif %}"
+        "{% generation %}<{{ m.role }}>{{ m.content | tojson }}{% endgeneration %}"
+        "{% endfor %}{{ strftime_now('%Y') | length }}"
+    )
+    messages = [{"role": "user", "content": "é"}, {"role": "stop", "content": ""},
+                {"role": "user", "content": "never"}]  # fmt: skip
+    assert render_chat_template(template, messages) == '<user>"é"4'

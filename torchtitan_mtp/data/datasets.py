@@ -36,6 +36,7 @@ transformers does), with the generation prompt appended.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import random
@@ -450,6 +451,22 @@ def load_chat_template(tokenizer_dir: str | Path) -> tuple[str, dict[str, str]]:
     return template, special
 
 
+@functools.cache
+def _generation_block_extension() -> type:
+    """A Jinja extension for ``{% generation %}...{% endgeneration %}``, the tag with which
+    chat templates mark assistant text for training masks: rendered as its body."""
+    from jinja2.ext import Extension
+
+    class GenerationBlock(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    return GenerationBlock
+
+
 def render_chat_template(
     template: str,
     messages: Sequence[dict[str, str]],
@@ -457,18 +474,31 @@ def render_chat_template(
     add_generation_prompt: bool = True,
     **variables: Any,
 ) -> str:
-    """Render a HF Jinja chat template (sandboxed; transformers' environment settings)."""
+    """Render a HF Jinja chat template in an environment like transformers': sandboxed,
+    ``trim_blocks``/``lstrip_blocks``, ``{% break %}``/``{% continue %}``, ``{% generation
+    %}`` blocks (rendered as their body), ``raise_exception``, ``strftime_now`` and a
+    ``tojson`` that keeps non-ASCII text."""
+    import datetime
+
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str) -> None:
         raise TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(
-        x, ensure_ascii=False, indent=indent
+    def tojson(x: Any, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        extensions=["jinja2.ext.loopcontrols", _generation_block_extension()],
     )
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    env.filters["tojson"] = tojson
     return env.from_string(template).render(
         messages=list(messages), add_generation_prompt=add_generation_prompt, **variables
     )
