@@ -5,7 +5,8 @@ import json
 import pytest
 from torchtitan.components.tokenizer import HuggingFaceTokenizer
 
-from torchtitan_mtp.data.arithmetic import SFTDataset, arithmetic_problems
+from torchtitan_mtp.data.arithmetic import arithmetic_problems
+from torchtitan_mtp.data.loader import SFTDataset
 from torchtitan_mtp.data.tokenizer import ARITHMETIC_TOKENIZER, build_arithmetic_tokenizer
 from torchtitan_mtp.models import mtp_flavors
 from torchtitan_mtp.models.logprobs import IGNORE_INDEX

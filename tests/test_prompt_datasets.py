@@ -8,7 +8,6 @@ import time
 import pandas as pd
 import pytest
 
-from torchtitan_mtp.data.arithmetic import Problem
 from torchtitan_mtp.data.datasets import (
     BOXED_PROMPT_TEMPLATE,
     PromptRecord,
@@ -21,6 +20,7 @@ from torchtitan_mtp.data.datasets import (
     load_chat_template,
     load_prompt_dataset,
 )
+from torchtitan_mtp.data.records import Problem
 from torchtitan_mtp.rewards import MathVerifyReward
 
 

@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .arithmetic import Problem
+from .records import PromptRecord
 
 __all__ = [
     "ANSWER_TRANSFORMS",
@@ -66,18 +66,6 @@ BOXED_PROMPT_TEMPLATE = (
     "{prompt}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 )
 """A prompt template asking for a ``\\boxed{}`` answer (what ``math_verify`` finds first)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptRecord(Problem):
-    """An RL prompt: ``Problem(prompt, answer)`` plus where it came from.
-
-    ``source`` is the file, ``row`` the 1-based line (jsonl) or record number (json,
-    parquet), for error messages and logs. A ``Problem`` wherever the trainer takes one.
-    """
-
-    source: str = ""
-    row: int = 0
 
 
 # ------------------------------------------------------------------ answer transforms

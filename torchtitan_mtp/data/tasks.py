@@ -11,8 +11,9 @@ import copy
 from torchtitan.config import JobConfig
 from torchtitan.tools.logging import logger
 
-from .arithmetic import Problem, arithmetic_problems
-from .datasets import PromptRecord, apply_chat_template, gsm8k_splits, load_prompt_dataset
+from .arithmetic import arithmetic_problems
+from .datasets import apply_chat_template, gsm8k_splits, load_prompt_dataset
+from .records import Problem, PromptRecord
 from .tokenizer import build_tokenizer, tokenizer_dir
 
 __all__ = ["prompt_token_limit", "rl_prompt_splits"]

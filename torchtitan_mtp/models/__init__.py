@@ -187,7 +187,7 @@ class MTPValidator(BaseValidator):
         metrics_processor: Any,
         **unused: Any,  # pipeline-parallel arguments: this model has no pipelining_fn
     ):
-        from ..data.arithmetic import build_validation_dataloader
+        from ..data.loader import build_validation_dataloader
 
         super().__init__(job_config)
         self.dataloader = build_validation_dataloader(dp_world_size, dp_rank, tokenizer, job_config)
@@ -229,7 +229,7 @@ def build_mtp_validator(**kwargs: Any) -> MTPValidator:
 def register_train_specs() -> None:
     """Register ``[model] name = "mtp_transformer"`` with TorchTitan's registry."""
     from ..checkpoints.adapter import MTPStateDictAdapter
-    from ..data.arithmetic import build_dataloader
+    from ..data.loader import build_dataloader
     from ..data.tokenizer import build_tokenizer
     from ..losses import build_mtp_sft_loss
     from ..metrics import build_metrics_processor

@@ -43,8 +43,8 @@ from torchtitan.train import Trainer
 
 from ..checkpoints.integrity import guard_checkpointer, resumed_checkpoint_hint
 from ..config import MTPJobConfig, stage_profiling_folders
-from ..data.arithmetic import Problem
 from ..data.datasets import aime2025, apply_chat_template
+from ..data.records import Problem
 from ..data.tasks import rl_prompt_splits
 from ..data.tokenizer import pad_id, tokenizer_dir
 from ..evaluation import EvalSums, evaluate_set, format_table
