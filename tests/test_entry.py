@@ -30,6 +30,14 @@ def test_python_m_train_runs_as_one_process_without_torchrun(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "out" / "checkpoint" / "rl" / "step-1" / ".metadata").is_file()
+    # The standalone evaluation of the same job, also without torchrun.
+    cmd[2] = "torchtitan_mtp.eval"
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "eval step 1 | heldout" in proc.stdout + proc.stderr
+    assert (tmp_path / "out" / "tb" / "eval" / "rl").is_dir()
 
 
 def test_run_train_resolves_a_relative_config_against_the_callers_directory(tmp_path):

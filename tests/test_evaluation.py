@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from torchtitan_mtp.evaluation import EvalSums, evaluate_set, format_table
+from torchtitan_mtp.eval import EvalSums, evaluate_set, format_table
 from torchtitan_mtp.models import MTPTransformer, mtp_flavors
 from torchtitan_mtp.rewards import exact_match
 from torchtitan_mtp.rollout import NativeRolloutEngine, SamplingParams

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from conftest import run_two_ranks
 
 from torchtitan_mtp.config import RL
+from torchtitan_mtp.losses import policy_loss
 from torchtitan_mtp.models import MTPTransformer, mtp_flavors, token_logprobs
 from torchtitan_mtp.models.logprobs import IGNORE_INDEX, target_mask
 from torchtitan_mtp.rl.exact import (
@@ -17,7 +18,6 @@ from torchtitan_mtp.rl.exact import (
     exact_products,
     shared_parameter_ids,
 )
-from torchtitan_mtp.rl.losses import policy_loss
 from torchtitan_mtp.rl.objective import RLObjective, RolloutBatch
 from torchtitan_mtp.rl.occ import OCCCalibrator
 

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from conftest import run_two_ranks
 
-from torchtitan_mtp.rl.losses import policy_loss
+from torchtitan_mtp.losses import policy_loss
 from torchtitan_mtp.rl.occ import (
     OCCCalibrator,
     occ_coefficient,

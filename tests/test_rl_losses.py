@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from torchtitan_mtp.rl.losses import (
+from torchtitan_mtp.losses import (
     aggregate,
     dynamic_sampling_keep,
     grpo_advantages,

@@ -230,27 +230,5 @@ def main(argv: list[str] | None = None) -> None:
             dist.destroy_process_group()
 
 
-def evaluate_main(argv: list[str] | None = None) -> None:
-    """``python -m torchtitan_mtp.eval --job.config_file X``: evaluate the job's latest
-    weights (RL checkpoint, else the finished SFT stage, else model.gguf_file) on
-    ``[eval] sets`` with ``[eval] samples``, print the table, log to TensorBoard."""
-    config = _parse_or_exit(argv)
-    # Its own TensorBoard run (<tb>/eval/rl): never purges the RL stage's steps.
-    config.metrics.save_tb_folder = os.path.join(config.metrics.save_tb_folder, "eval")
-    from .rl.trainer import RLTrainer, rl_stage_config
-
-    sft_folder = f"{config.checkpoint.folder}/sft"
-    init_path = _final_checkpoint(config, sft_folder, config.training.steps)
-    config.rl.steps = max(config.rl.steps, 1)
-    trainer = RLTrainer(rl_stage_config(config, init_path or config.checkpoint.initial_load_path))
-    try:
-        trainer.load()
-        trainer.evaluate()
-    finally:
-        trainer.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 if __name__ == "__main__":
     main()

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..config import RL
+from ..losses import aggregate, kl_k3, policy_loss
 from ..models.logprobs import (
     AlignedTokenStats,
     draft_logprobs,
@@ -34,7 +35,6 @@ from ..models.logprobs import (
     target_mask,
     token_logprobs,
 )
-from .losses import aggregate, kl_k3, policy_loss
 from .occ import OCCCalibrator, loss_token_weights, output_gradient_sums
 
 __all__ = ["RLObjective", "RolloutBatch"]

@@ -46,7 +46,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.distributed as dist
 
-from .losses import PolicyLossStats, policy_loss
+from ..losses import PolicyLossStats, policy_loss
 
 __all__ = [
     "ApplyTo",

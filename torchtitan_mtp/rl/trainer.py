@@ -47,20 +47,20 @@ from ..data.datasets import aime2025, apply_chat_template
 from ..data.records import Problem
 from ..data.tasks import rl_prompt_splits
 from ..data.tokenizer import pad_id, tokenizer_dir
-from ..evaluation import EvalSums, evaluate_set, format_table
-from ..models.logprobs import IGNORE_INDEX, target_mask, token_logprobs
-from ..models.parallelize import dp_sum
-from ..rewards import get_reward_function, score_batch
-from ..rollout.base import Completion, RolloutEngine, SamplingParams, SpecDecodeStats
-from ..rollout.native import NativeRolloutEngine
-from .exact import apply_exact_gradients, exact_products
-from .losses import (
+from ..eval import EvalSums, evaluate_set, format_table
+from ..losses import (
     dynamic_sampling_keep,
     grpo_advantages,
     overlong_reward_penalty,
     truncated_is_weights,
     valid_counts,
 )
+from ..models.logprobs import IGNORE_INDEX, target_mask, token_logprobs
+from ..models.parallelize import dp_sum
+from ..rewards import get_reward_function, score_batch
+from ..rollout.base import Completion, RolloutEngine, SamplingParams, SpecDecodeStats
+from ..rollout.native import NativeRolloutEngine
+from .exact import apply_exact_gradients, exact_products
 from .objective import RLObjective, RolloutBatch
 from .occ import PROXY_ESTIMATORS, OCCCalibrator, proxy_estimate
 
