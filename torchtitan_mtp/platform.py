@@ -26,10 +26,9 @@ the only module of the package that touches TorchTitan's internals, and only on 
    loop, runs unchanged on CPU.
 5. ``torchtitan.tools.profiling.maybe_enable_profiling`` (``[profiling]
    enable_profiling``) passes ``activities=[CPU, None]`` when neither CUDA nor XPU
-   exists, which ``torch.profiler.profile`` rejects. ``install`` puts
-   :func:`maybe_enable_profiling` here, the same profiler with the CPU activity alone
-   (same schedule, same trace files), in its place and in every loaded module that
-   imported the name (``torchtitan.train``). Memory snapshots (``enable_memory_snapshot``)
+   exists, which ``torch.profiler.profile`` rejects. ``install`` makes
+   ``torch.profiler.profile`` drop ``None`` activities, so TorchTitan's own profiler runs
+   (same schedule, same trace files). Memory snapshots (``enable_memory_snapshot``)
    record CUDA's caching allocator: there is no CPU equivalent, so they stay GPU-only.
 
 Nothing here acts when an accelerator is present.
@@ -37,11 +36,8 @@ Nothing here acts when an accelerator is present.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import resource
 import sys
-import time
 from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -55,7 +51,6 @@ __all__ = [
     "HAS_ACCELERATOR",
     "enable_gloo_sum_reduction",
     "install",
-    "maybe_enable_profiling",
     "set_pg_timeouts",
 ]
 
@@ -131,18 +126,18 @@ def _install_cpu_pg_timeouts() -> None:
     dist_utils.set_pg_timeouts = set_pg_timeouts
 
 
-def _install_cpu_profiler() -> None:
-    """Item 5: in ``torchtitan.tools.profiling`` and in every loaded module that copied it."""
-    from torchtitan.tools import profiling
+class _ProfileWithoutNone(torch.profiler.profile):
+    """``torch.profiler.profile`` that ignores ``None`` in ``activities`` (item 5)."""
 
-    original = profiling.maybe_enable_profiling
-    if original is maybe_enable_profiling:
-        return
-    for name, module in list(sys.modules.items()):
-        if not name.startswith("torchtitan"):
-            continue
-        if getattr(module, "maybe_enable_profiling", None) is original:
-            module.maybe_enable_profiling = maybe_enable_profiling
+    def __init__(self, *args: Any, activities: Any = None, **kwargs: Any):
+        if activities is not None:
+            activities = [a for a in activities if a is not None]
+        super().__init__(*args, activities=activities, **kwargs)
+
+
+def _install_cpu_profiler() -> None:
+    """Item 5: TorchTitan's profiler helper calls ``torch.profiler.profile`` at call time."""
+    torch.profiler.profile = _ProfileWithoutNone
 
 
 def install() -> None:
@@ -176,17 +171,8 @@ def enable_gloo_sum_reduction(model: nn.Module) -> None:
 
 
 def set_pg_timeouts(timeout: timedelta, parallel_dims: Any) -> None:
-    """Set every process group's collective timeout (a stuck rank fails the job after it).
-
-    TorchTitan's ``set_pg_timeouts`` on an accelerator; on CPU the same steps (a barrier,
-    then each group of the mesh and the default group) without its device barrier and
-    device synchronize. On CPU ``install`` puts this function in TorchTitan's place.
-    """
-    if HAS_ACCELERATOR:
-        from torchtitan.distributed import utils as dist_utils
-
-        dist_utils.set_pg_timeouts(timeout, parallel_dims)
-        return
+    """TorchTitan's ``set_pg_timeouts`` without its device barrier and synchronize (item
+    4): a barrier, then every group of the mesh and the default group get ``timeout``."""
     if not dist.is_initialized():
         return
     from torchtitan.tools.logging import logger
@@ -196,44 +182,3 @@ def set_pg_timeouts(timeout: timedelta, parallel_dims: Any) -> None:
     meshes = parallel_dims.get_all_one_dimensional_meshes().values()
     for group in [mesh.get_group() for mesh in meshes] + [None]:
         dist.distributed_c10d._set_pg_timeout(timeout, group)
-
-
-@contextlib.contextmanager
-def maybe_enable_profiling(
-    profiling_config: Any, *, global_step: int = 0, base_folder: str = "", leaf_folder: str = ""
-):
-    """TorchTitan 0.2.2's ``maybe_enable_profiling`` with the CPU activity alone.
-
-    Same arguments, schedule (wait = profile_freq - warmup - active) and trace files,
-    ``<dump>/<save_traces_folder>/iteration_<step>/<leaf>/rank<r>_trace.json``.
-    """
-    if not profiling_config.enable_profiling:
-        yield None
-        return
-    from torchtitan.tools.logging import logger
-
-    trace_dir = os.path.join(base_folder, profiling_config.save_traces_folder)
-    warmup, active = profiling_config.profiler_warmup, profiling_config.profiler_active
-    wait = profiling_config.profile_freq - (active + warmup)
-    if wait < 0:
-        raise ValueError("profiling.profile_freq must be >= profiler_warmup + profiler_active")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-
-    def trace_handler(prof: torch.profiler.profile) -> None:
-        step_dir = os.path.join(trace_dir, f"iteration_{prof.step_num}", leaf_folder)
-        os.makedirs(step_dir, exist_ok=True)
-        logger.info(f"Dumping profiler traces at step {prof.step_num}")
-        begin = time.monotonic()
-        prof.export_chrome_trace(os.path.join(step_dir, f"rank{rank}_trace.json"))
-        logger.info(f"Finished dumping profiler traces in {time.monotonic() - begin:.2f} seconds")
-
-    logger.info(f"Profiling active. Traces will be saved at {trace_dir}")
-    os.makedirs(trace_dir, exist_ok=True)
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU],
-        schedule=torch.profiler.schedule(wait=wait, warmup=warmup, active=active),
-        on_trace_ready=trace_handler,
-        record_shapes=True,
-    ) as torch_profiler:
-        torch_profiler.step_num = global_step
-        yield torch_profiler

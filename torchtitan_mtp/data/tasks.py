@@ -19,6 +19,9 @@ from .tokenizer import build_tokenizer, tokenizer_dir
 __all__ = ["prompt_token_limit", "rl_prompt_splits"]
 
 
+_SPLITS: dict[tuple, tuple[list[Problem], list[Problem]]] = {}
+
+
 def rl_prompt_splits(job_config: JobConfig) -> tuple[list[Problem], list[Problem]]:
     """(train, held-out) prompt records of the job's ``[data]`` section.
 
@@ -26,7 +29,20 @@ def rl_prompt_splits(job_config: JobConfig) -> tuple[list[Problem], list[Problem
     (``training.seq_len``); a row that does not, or (``data.name = "file"``) is malformed,
     raises ``ValueError`` naming the file and row, or with ``[data] skip_invalid_rows`` is
     left out and counted in a warning.
+
+    Loaded and checked once per process: the job's start-up check, the trainer (held-out
+    set) and its dataloader (train set) share the result.
     """
+    model, max_new = job_config.model, job_config.rollout.max_new_tokens
+    key = (repr(job_config.data), model.flavor, model.hf_assets_path,
+           getattr(model, "gguf_file", ""), job_config.training.seq_len, max_new)  # fmt: skip
+    if key not in _SPLITS:
+        _SPLITS[key] = _load_splits(job_config)
+    train, heldout = _SPLITS[key]
+    return list(train), list(heldout)
+
+
+def _load_splits(job_config: JobConfig) -> tuple[list[Problem], list[Problem]]:
     data = job_config.data
     skipped: list[str] | None = [] if data.skip_invalid_rows else None
     transform = None if data.answer_transform == "none" else data.answer_transform

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torchtitan.components.lr_scheduler import build_lr_schedulers
 from torchtitan.components.optimizer import build_optimizers
@@ -16,7 +15,7 @@ from torchtitan.tools import utils
 from .args import MTPModelArgs, RoPEScalingArgs
 from .logprobs import AlignedTokenStats, token_logprobs
 from .model import MTPTransformer
-from .parallelize import parallelize_mtp
+from .parallelize import dp_sum, parallelize_mtp
 
 __all__ = [
     "MODEL_NAME",
@@ -210,9 +209,7 @@ class MTPValidator(BaseValidator):
                 stats = token_logprobs(model, model(input_dict["input"].to(device)), labels)
             sums[0] -= (stats.logp * stats.mask).sum(dim=(1, 2))
             sums[1] += stats.mask.sum(dim=(1, 2))
-        if self.parallel_dims.dp_enabled:
-            dist.all_reduce(sums, group=self.parallel_dims.get_mesh("batch").get_group())
-        ce_sums, counts = sums
+        ce_sums, counts = dp_sum(sums, self.parallel_dims)
         loss = (ce_sums * self.loss_fn.head_weights(counts)).sum().item()
         ce = (ce_sums / counts.clamp(min=1)).tolist()
         extra = {"validation_metrics/ce_loss/main": ce[0]}
