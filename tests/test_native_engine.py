@@ -11,12 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from torchtitan_mtp.models import MTPTransformer, mtp_flavors, token_logprobs
 from torchtitan_mtp.models.logprobs import IGNORE_INDEX
 from torchtitan_mtp.rollout import NativeRolloutEngine, SamplingParams
-from torchtitan_mtp.rollout.native import _linear
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 64
@@ -196,20 +194,6 @@ def test_invalid_requests_are_rejected(model):
         engine.generate([[1]], SamplingParams(stop_strings=("x",)))
     with pytest.raises(ValueError, match="at least one token"):
         engine.generate([[1], []], SamplingParams())
-
-
-@pytest.mark.parametrize("shape", [(1, 1), (1, 2), (2, 2), (1, 4), (1, 5), (3, 3)])
-def test_weight_stationary_small_row_linear_equals_f_linear(shape):
-    """Up to max_rows rows the engine computes weight @ x^T; same values as F.linear,
-    on both sides of the block threshold (4) and under the head's (64)."""
-    torch.manual_seed(0)
-    weight, bias = torch.randn(48, 32), torch.randn(48)
-    x = torch.randn(*shape, 32)
-    for max_rows in (4, 64):
-        got = _linear(x, weight, bias, max_rows=max_rows)
-        torch.testing.assert_close(got, F.linear(x, weight, bias))
-        torch.testing.assert_close(_linear(x, weight, max_rows=max_rows), F.linear(x, weight))
-        assert got.shape == (*shape, 48)
 
 
 def test_fsdp2_and_tp2_generate_like_a_single_process(tmp_path):

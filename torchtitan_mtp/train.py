@@ -28,7 +28,13 @@ from .checkpoints.integrity import (
     resumed_checkpoint_hint,
     verify_step,
 )
-from .config import ConfigError, MTPJobConfig, parse_job_config, stage_profiling_folders
+from .config import (
+    ConfigError,
+    MTPJobConfig,
+    check_runs_here,
+    parse_job_config,
+    stage_profiling_folders,
+)
 from .models.logprobs import target_mask, token_logprobs
 from .models.parallelize import dp_sum
 
@@ -146,6 +152,7 @@ def _parse_or_exit(argv: list[str] | None) -> MTPJobConfig:
     _single_process_defaults()
     try:
         config = parse_job_config(sys.argv[1:] if argv is None else argv)
+        check_runs_here(config)
         if config.rl.steps > 0:
             from .data.tasks import rl_prompt_splits
 

@@ -40,8 +40,8 @@ class MTPModelArgs(Qwen3ModelArgs):
     the DeepSeek-V3 paper). The native engine drafts exactly as training does either way.
     From a job config: ``[mtp] mask_first_embedding``, or when unset, on exactly when
     ``[rollout] engine = "vllm"``."""
-    logprob_chunk_size: int = 1024
-    """Sequence chunk of the log-prob computation (bounds the [B, chunk, vocab] logits)."""
+    logprob_chunk_tokens: int = 512
+    """Token budget of the log-prob computation (bounds the [tokens, vocab] logits)."""
 
     def vllm_unservable_reason(self) -> str | None:
         """Why vLLM 0.33 cannot serve this model as ``MiMoForCausalLM`` (None: it can).
@@ -68,7 +68,7 @@ class MTPModelArgs(Qwen3ModelArgs):
             if mask is None:  # follow the engine that will serve the drafts
                 mask = getattr(getattr(job_config, "rollout", None), "engine", None) == "vllm"
             self.mtp_mask_first_embedding = mask
-            self.logprob_chunk_size = mtp.logprob_chunk_size
+            self.logprob_chunk_tokens = mtp.logprob_chunk_tokens
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"

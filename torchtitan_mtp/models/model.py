@@ -6,6 +6,11 @@ an optional QKV bias added for Qwen2/MiMo. Llama-3 and SmolLM2 trunks use the sa
 without QK-norm; their RoPE uses the rotate-half convention of HF checkpoints, and
 Llama-3.1 frequency scaling comes from TorchTitan's llama3 code.
 
+Generation runs this same forward code: the attention's forward, TorchTitan's Qwen3 math
+written here, takes an optional KV cache (``kv_cache=``, a ``decode.KVCache``), and
+``decode.Decoder`` calls these modules step by step. Only the cache branch of
+``Attention.forward`` is decode-only.
+
 Shapes: B batch, S sequence, D dim, V vocab, K MTP modules, H = K + 1 heads.
 
 Position 0 (``mtp_mask_first_embedding``, off by default as in the training codebases):
@@ -20,13 +25,13 @@ wherever ``positions`` restarts at 0).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from torchtitan.models.llama3.model.model import precompute_freqs_cis
+from torchtitan.models.qwen3.model.model import Attention as Qwen3Attention
 from torchtitan.models.qwen3.model.model import TransformerBlock as Qwen3Block
 from torchtitan.models.qwen3.model.model import precompute_rope_cache
 from torchtitan.models.utils import trunc_normal_
@@ -34,14 +39,20 @@ from torchtitan.protocols.model import AttentionMasksType
 from torchtitan.protocols.train_spec import ModelProtocol
 
 from .args import MTPModelArgs
+from .logprobs import vocab_stats
+
+if TYPE_CHECKING:
+    from .decode import KVCache
 
 __all__ = [
+    "Attention",
     "MTPModule",
     "MTPTransformer",
     "OutputHead",
     "TokenEmbedding",
     "TokenStats",
     "TransformerBlock",
+    "rope_at",
 ]
 
 
@@ -57,23 +68,132 @@ def build_rope_cache(args: MTPModelArgs) -> torch.Tensor:
     return torch.cat([cos, cos, sin, sin], dim=-1)
 
 
+def rope_at(rope_cache: torch.Tensor, positions: torch.Tensor | None, seqlen: int) -> torch.Tensor:
+    """RoPE cos and sin at T = ``seqlen`` positions: [1 | B, T, 1, 2 * head_dim].
+
+    rope_cache [max_seq_len, 2 * head_dim]; positions [1 | B, T], or None for 0 .. T - 1.
+    """
+    rope = rope_cache[:seqlen] if positions is None else rope_cache[positions]
+    return rope.view(-1, seqlen, 1, rope.shape[-1])
+
+
+def apply_rope(
+    xq: torch.Tensor, xk: torch.Tensor, rope: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [B, T, H, hd] and k [B, T, H_kv, hd] by ``rope_at``'s [1 | B, T, 1, 2 * hd]
+    (TorchTitan's Qwen3 rotate-half convention)."""
+    if rope.dtype != xq.dtype:
+        rope = rope.to(xq.dtype)
+    cos, sin = rope.chunk(2, dim=-1)
+    return xq * cos + _rotate_half(xq) * sin, xk * cos + _rotate_half(xk) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(Qwen3Attention):
+    """TorchTitan's Qwen3 attention (GQA, RoPE, optional QK-norm), attending causally over
+    its input (training) or over a KV cache (decoding). ``TransformerBlock`` gives the q/k/v
+    projections a bias when ``qkv_bias``."""
+
+    def __init__(self, args: MTPModelArgs):
+        super().__init__(args)
+        if args.attn_type != "sdpa":
+            raise ValueError(f"attn_type = {args.attn_type!r}: MTPTransformer uses SDPA only")
+
+    def init_weights(self, init_std: float) -> None:
+        super().init_weights(init_std)
+        for linear in (self.wq, self.wk, self.wv):
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope_cache: torch.Tensor,
+        attention_masks: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D].
+
+        Args:
+            rope_cache: [max_seq_len, 2 * head_dim] RoPE cos and sin by position, or
+                already at the T positions (``rope_at``: [1 | B, T, 1, 2 * head_dim]).
+            attention_masks: None without ``kv_cache`` (causal over the T positions); with
+                it, SDPA's ``attn_mask`` [B, 1, T, L'] over cache positions 0 .. L' - 1
+                (additive, or bool: True attends).
+            positions: [1 | B, T] sequence positions, or None for 0 .. T - 1. With
+                ``kv_cache``, [B, T], also where the keys and values are written.
+            kv_cache: this layer's ``decode.KVCache`` (decoding).
+        """
+        bs, seqlen, _ = x.shape
+        # -1 heads: under tensor parallelism the projections hold this rank's heads.
+        xq = self.wq(x).view(bs, seqlen, -1, self.head_dim)
+        xk = self.wk(x).view(bs, seqlen, -1, self.head_dim)
+        xv = self.wv(x).view(bs, seqlen, -1, self.head_dim)
+        if self.q_norm is not None:
+            xq = self.q_norm(xq)
+        if self.k_norm is not None:
+            xk = self.k_norm(xk)
+        if rope_cache.dim() == 2:
+            rope_cache = rope_at(rope_cache, positions, seqlen)
+        xq, xk = apply_rope(xq, xk, rope_cache)
+        xq = xq.transpose(1, 2)  # [B, H, T, head_dim]
+        if kv_cache is None:
+            if attention_masks is not None:
+                raise NotImplementedError("MTPTransformer uses causal SDPA attention only")
+            keys, values = xk.transpose(1, 2), xv.transpose(1, 2)  # [B, H_kv, T, head_dim]
+            out = self.inner_attention(
+                xq, keys, values, scale=self.scaling, enable_gqa=self.enable_gqa
+            )
+        else:
+            keys, values = kv_cache.update(positions, xk, xv)  # [B, H_kv, L, head_dim]
+            end = attention_masks.shape[-1]
+            out = F.scaled_dot_product_attention(
+                xq,
+                keys[:, :, :end],
+                values[:, :, :end],
+                attn_mask=attention_masks,
+                scale=self.scaling,
+                enable_gqa=self.enable_gqa,
+            )
+        return self.wo(out.transpose(1, 2).reshape(bs, seqlen, -1))
+
+
 class TransformerBlock(Qwen3Block):
-    """TorchTitan's Qwen3 block, with an optional bias on the q/k/v projections."""
+    """TorchTitan's Qwen3 block (dense feed-forward) with this module's ``Attention`` and an
+    optional bias on the q/k/v projections."""
 
     def __init__(self, layer_id: int, args: MTPModelArgs):
         super().__init__(layer_id, args)
+        # Ours replaces TorchTitan's attention. init_weights overwrites every weight, and
+        # the forked RNG keeps a seeded model built on CPU what it was with TorchTitan's.
+        with torch.random.fork_rng(devices=[]):
+            self.attention = Attention(args)
         if args.qkv_bias:
-            attn = self.attention
             for name in ("wq", "wk", "wv"):
-                old = getattr(attn, name)
-                setattr(attn, name, nn.Linear(old.in_features, old.out_features, bias=True))
+                old = getattr(self.attention, name)
+                bias = nn.Linear(old.in_features, old.out_features, bias=True)
+                setattr(self.attention, name, bias)
 
-    def init_weights(self, buffer_device: torch.device | None = None) -> None:
-        super().init_weights(buffer_device)
-        for name in ("wq", "wk", "wv"):
-            bias = getattr(self.attention, name).bias
-            if bias is not None:
-                nn.init.zeros_(bias)
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope_cache: torch.Tensor,
+        attention_masks: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]; the other arguments as in ``Attention.forward``."""
+        h = x + self.attention(
+            self.attention_norm(x), rope_cache, attention_masks, positions, kv_cache=kv_cache
+        )
+        return h + self.feed_forward(self.ffn_norm(h))
 
 
 class TokenEmbedding(nn.Embedding):
@@ -111,10 +231,14 @@ class MTPModule(nn.Module):
         emb: torch.Tensor,
         rope_cache: torch.Tensor,
         positions: torch.Tensor | None = None,
+        *,
+        attention_masks: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """h_prev, emb: [B, S, D] -> (h^k [B, S, D] before the norm, norm(h^k) [B, S, D])."""
+        """h_prev, emb: [B, S, D] -> (h^k [B, S, D] before the norm, norm(h^k) [B, S, D]);
+        the other arguments as in ``Attention.forward``."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        h = self.block(x, rope_cache, None, positions)
+        h = self.block(x, rope_cache, attention_masks, positions, kv_cache=kv_cache)
         return h, self.norm(h)
 
     def init_weights(self, buffer_device: torch.device | None = None) -> None:
@@ -125,45 +249,34 @@ class MTPModule(nn.Module):
 
 
 class TokenStats(NamedTuple):
-    """Per-position statistics of one or more heads, all [H, B, S]."""
+    """Per-position statistics of one or more heads, [H, B, S]."""
 
     logp: torch.Tensor
     """float32 log-prob of the label."""
-    entropy: torch.Tensor
-    """float32 entropy of the head's distribution."""
+    entropy: torch.Tensor | None
+    """float32 [B, S] entropy of head 0's distribution; None unless asked."""
     top1: torch.Tensor
     """bool: the head's argmax equals the label."""
 
 
-def _chunk_stats(
-    h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """h [B, C, D], weight [V, D], labels [B, C] -> logp, entropy, top1, each [B, C]."""
-    logits = F.linear(h, weight).float()  # [B, C, V]
-    lse = logits.logsumexp(dim=-1)
-    logp = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - lse
-    entropy = lse - (logits.softmax(dim=-1) * logits).sum(dim=-1)
-    top1 = logits.argmax(dim=-1) == labels
-    return logp, entropy, top1
-
-
 class OutputHead(nn.Module):
-    """The shared output projection ``weight`` [V, D], evaluated in sequence chunks.
+    """The shared output projection ``weight`` [V, D], evaluated by token budget.
 
-    Each chunk's logits are recomputed in backward (activation checkpointing), so at most
-    one [B, chunk, V] float32 block is alive at a time, whatever the number of heads.
+    ``vocab_stats`` keeps at most ``chunk_tokens`` rows of float32 logits alive at a
+    time (recomputed in backward), whatever the batch size, sequence length and heads.
     """
 
-    def __init__(self, dim: int, vocab_size: int, chunk_size: int = 1024):
+    def __init__(self, dim: int, vocab_size: int, chunk_tokens: int = 512):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, dim))
-        self.chunk_size = chunk_size
+        self.chunk_tokens = chunk_tokens
 
     def forward(
         self,
         hidden: torch.Tensor,
         labels: torch.Tensor | None = None,
         detach_weight_from: int | None = None,
+        entropy: bool = False,
     ) -> torch.Tensor | TokenStats:
         """Logits, or token statistics of given labels.
 
@@ -173,25 +286,28 @@ class OutputHead(nn.Module):
                 clamped to 0, callers mask them. None returns logits [H, B, S, V] instead
                 (for decoding short sequences).
             detach_weight_from: heads h >= this index see a detached weight (Detach regime).
+            entropy: also compute head 0's entropy (no loss uses an MTP head's).
         """
         if labels is None:
             return F.linear(hidden, self.weight)
         labels = labels.clamp(min=0)
-        n_heads, _, seq, _ = hidden.shape
-        stats = []
+        n_heads, batch, seq, dim = hidden.shape
+        logp, top1, ent = [], [], None
         for head in range(n_heads):
             detach = detach_weight_from is not None and head >= detach_weight_from
             weight = self.weight.detach() if detach else self.weight
-            parts = []
-            for start in range(0, seq, self.chunk_size):
-                h = hidden[head, :, start : start + self.chunk_size]
-                y = labels[head, :, start : start + self.chunk_size]
-                if torch.is_grad_enabled():
-                    parts.append(checkpoint(_chunk_stats, h, weight, y, use_reentrant=False))
-                else:
-                    parts.append(_chunk_stats(h, weight, y))
-            stats.append([torch.cat(p, dim=1) for p in zip(*parts, strict=True)])
-        return TokenStats(*(torch.stack(s) for s in zip(*stats, strict=True)))
+            stats = vocab_stats(
+                hidden[head].reshape(batch * seq, dim),
+                weight,
+                labels[head].reshape(batch * seq),
+                self.chunk_tokens,
+                entropy=entropy and head == 0,
+            )
+            logp.append(stats.logp.view(batch, seq))
+            top1.append(stats.top1.view(batch, seq))
+            if stats.entropy is not None:
+                ent = stats.entropy.view(batch, seq)
+        return TokenStats(torch.stack(logp), ent, torch.stack(top1))
 
 
 class MTPTransformer(ModelProtocol):
@@ -214,7 +330,7 @@ class MTPTransformer(ModelProtocol):
         self.mtp = nn.ModuleDict(
             {str(k): MTPModule(args.n_layers + k, args) for k in range(args.num_mtp_modules)}
         )
-        self.output = OutputHead(args.dim, args.vocab_size, args.logprob_chunk_size)
+        self.output = OutputHead(args.dim, args.vocab_size, args.logprob_chunk_tokens)
         if args.enable_weight_tying:
             self.output.weight = self.tok_embeddings.weight
 
@@ -251,6 +367,16 @@ class MTPTransformer(ModelProtocol):
             for name, tensor in module.block.state_dict().items():
                 tensor.copy_(last[name])
 
+    def mtp_embedding_zeros(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """bool [B, S]: where the MTP modules read a zero embedding instead of that of their
+        input token (the sequence position 0 under ``mtp_mask_first_embedding``; None:
+        nowhere). tokens [B, S]; positions [1 | B, S], or None for 0 .. S - 1."""
+        if not self.model_args.mtp_mask_first_embedding:
+            return None
+        return _first_positions(tokens, positions)
+
     def get_attention_masks(self, *args, **kwargs) -> AttentionMasksType:
         raise NotImplementedError("MTPTransformer uses causal SDPA attention only")
 
@@ -281,8 +407,8 @@ class MTPTransformer(ModelProtocol):
         # One embedding call for the trunk and all K shifted inputs (one FSDP/TP unit call).
         shifted = [tokens] + [_roll_left(tokens, k) for k in range(1, num_mtp + 1)]
         ids = torch.cat(shifted, dim=0)
-        if num_mtp and self.model_args.mtp_mask_first_embedding:
-            first = _first_positions(tokens, positions)
+        first = self.mtp_embedding_zeros(tokens, positions) if num_mtp else None
+        if first is not None:
             zero = torch.cat([torch.zeros_like(first)] + [first] * num_mtp, dim=0)
             embs = self.tok_embeddings(ids, zero)
         else:

@@ -33,7 +33,14 @@ from torchtitan.tools.logging import logger
 from ..platform import enable_gloo_sum_reduction
 from .model import MTPTransformer, TokenStats
 
-__all__ = ["SAC_SAVE_OPS", "apply_fsdp", "apply_tp", "dp_sum", "parallelize_mtp"]
+__all__ = [
+    "SAC_SAVE_OPS",
+    "apply_fsdp",
+    "apply_tp",
+    "dp_sum",
+    "parallelize_mtp",
+    "reduce_partial_grads",
+]
 
 # Selective (op) activation checkpointing saves these ops' outputs and recomputes the
 # rest. TorchTitan 0.2.2 has no public list: each model keeps its own private
@@ -68,6 +75,8 @@ def parallelize_mtp(
         )
     if parallel_dims.tp_enabled:
         apply_tp(model, parallel_dims.get_mesh("tp"))
+        if not parallel_dims.fsdp_enabled:  # FSDP2 reduces them itself
+            reduce_partial_grads(model)
 
     compile_enabled = job_config.compile.enable and "model" in job_config.compile.components
     # TorchTitan's apply_ac/apply_compile wrap the blocks of ``x.layers`` in place; the
@@ -160,8 +169,17 @@ def _head_input(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
 
 def _head_output(module: nn.Module, output, mesh: DeviceMesh):
     if isinstance(output, TokenStats):
-        return TokenStats(*(t.to_local() for t in output))
+        return TokenStats(*(None if t is None else t.to_local() for t in output))
     return output.to_local()
+
+
+def _sequence_first_input(module: nn.Module, inputs: tuple, mesh: DeviceMesh) -> tuple:
+    (x,) = inputs  # local [B, S / tp, D_in]
+    return (DTensor.from_local(x.transpose(0, 1), mesh, [Shard(0)]),)  # [S, B, D_in]
+
+
+def _sequence_first_output(module: nn.Module, output: DTensor, mesh: DeviceMesh) -> torch.Tensor:
+    return output.to_local().transpose(0, 1).contiguous()  # [B, S / tp, D_out]
 
 
 def apply_tp(model: MTPTransformer, tp_mesh: DeviceMesh) -> None:
@@ -181,12 +199,47 @@ def apply_tp(model: MTPTransformer, tp_mesh: DeviceMesh) -> None:
     for module in model.mtp.values():
         local_sp = SequenceParallel(use_local_output=True)
         parallelize_module(
-            module,
+            module, tp_mesh, {"enorm": local_sp, "hnorm": local_sp, "norm": local_sp}
+        )
+        # A replicated linear on sequence-sharded tokens, like SequenceParallel, but with the
+        # sharded sequence dim first: F.linear flattens [B, S], and torch 2.11 cannot flatten
+        # a DTensor sharded on its second dim ("Attempted to flatten multiple dimensions").
+        distribute_module(
+            module.eh_proj,
             tp_mesh,
-            {"enorm": local_sp, "hnorm": local_sp, "eh_proj": local_sp, "norm": local_sp},
+            input_fn=_sequence_first_input,
+            output_fn=_sequence_first_output,
         )
         parallelize_module(module.block, tp_mesh, _block_tp_plan())
     logger.info("Applied tensor + sequence parallelism to the trunk and the MTP modules")
+
+
+def reduce_partial_grads(model: nn.Module) -> None:
+    """Pure TP: all-reduce each replicated parameter's gradient as it accumulates.
+
+    A replicated weight applied to sequence-sharded tokens (the norms, ``eh_proj``) gets a
+    ``Partial`` gradient, which DTensor reduces only when an op needs its value; but torch
+    2.11's in-place ``_foreach_mul_`` (gradient clipping) multiplies a ``Partial`` tensor
+    by the TP degree. Replicated gradients are exact on every torch version, at the cost
+    of one small all-reduce per micro-batch (norm weights and ``eh_proj``).
+
+    The gradient hooks are registered at the first forward: ``to_empty`` swaps the
+    parameters of a model built on the meta device, and a hook registered before that
+    never fires.
+    """
+
+    def register(module: nn.Module, args: tuple) -> None:
+        for param in module.parameters():
+            if isinstance(param, DTensor) and all(p.is_replicate() for p in param.placements):
+                param.register_post_accumulate_grad_hook(_replicate_grad)
+        handle.remove()
+
+    handle = model.register_forward_pre_hook(register)
+
+
+def _replicate_grad(param: DTensor) -> None:
+    if param.grad.placements != param.placements:
+        param.grad = param.grad.redistribute(placements=param.placements)
 
 
 def apply_fsdp(

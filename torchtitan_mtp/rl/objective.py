@@ -138,13 +138,14 @@ class RLObjective:
             weights.append(torch.cat([aligned[:, k:], torch.zeros_like(aligned[:, :k])], 1))
         weight = model.output.weight
         weight = weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+        heads, rows = self.num_mtp + 1, batch.labels.shape[0]
         return output_gradient_sums(
             weight.detach(),
             torch.stack([h.detach() for h in hidden]),
-            head_targets(batch.labels, self.num_mtp + 1),
+            head_targets(batch.labels, heads),
             torch.stack(weights),
             self.calibrator.group,
-            model.output.chunk_size,
+            max(1, model.output.chunk_tokens // (heads * rows)),  # [H, B, chunk, V] in budget
         )
 
     def mtp_term(
@@ -264,18 +265,16 @@ class RLObjective:
         hidden = model(batch.inputs, detach_mtp_inputs=detach, draft_pass=draft)
         draft_hidden = hidden[self.num_mtp + 1 :]
         hidden = hidden[: self.num_mtp + 1]
-        stats = token_logprobs(model, hidden, batch.labels, detach_mtp_head=detach)
+        stats = token_logprobs(model, hidden, batch.labels, detach_mtp_head=detach, entropy=True)
         mask, tokens, seqs = stats.mask[0], counts["tokens"][0], counts["seqs"][0]
         norm = {"global_tokens": tokens, "global_seqs": seqs}
         loss, pg_stats = policy_loss(
             **self._policy_kwargs(stats.logp[0], batch, mask, tokens, seqs)
         )
         log["_clipped"] += float(pg_stats.clipped_tokens)
-        log["rl/entropy"] += aggregate(stats.entropy[0], mask, "token-mean", **norm).item()
+        log["rl/entropy"] += aggregate(stats.entropy.detach(), mask, "token-mean", **norm).item()
         if rl.entropy_coef:
-            loss = loss - rl.entropy_coef * aggregate(
-                stats.entropy[0], mask, rl.loss_agg_mode, **norm
-            )
+            loss = loss - rl.entropy_coef * aggregate(stats.entropy, mask, rl.loss_agg_mode, **norm)
         if batch.ref_logp is not None:
             kl = kl_k3(stats.logp[0], batch.ref_logp)
             loss = loss + rl.kl_coef * aggregate(kl, mask, rl.loss_agg_mode, **norm)

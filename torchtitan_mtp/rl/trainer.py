@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 from torchtitan.components.dataloader import DataloaderExhaustedError
+from torchtitan.config import TORCH_DTYPE_MAP
 from torchtitan.distributed import utils as dist_utils
 from torchtitan.tools.logging import logger
 from torchtitan.train import Trainer
@@ -189,17 +190,24 @@ class RLTrainer(Trainer):
         from ..rollout.vllm_engine import VLLMRolloutEngine
 
         rank = dist.get_rank() if dist.is_initialized() else 0
+        rl = self.job_config.rl
+        dtype = r.vllm_dtype
+        if dtype == "auto":
+            dtype = self.job_config.training.mixed_precision_param
         return VLLMRolloutEngine(
             self.model,
             model_dir=os.path.join(self.job_config.job.dump_folder, "vllm_model", f"rank{rank}"),
             tokenizer_dir=tokenizer_dir(self.job_config),
             speculative_tokens=r.speculative_tokens,
             max_model_len=self.model.model_args.max_seq_len,
+            max_num_seqs=max(rl.prompts_per_step // self.dp_degree, 1) * rl.samples_per_prompt,
             seed=self.job_config.debug.seed or 0,
+            kv_cache_gib=r.vllm_kv_cache_gib,
             gpu_memory_utilization=r.vllm_gpu_memory_utilization,
             sleep_level=r.vllm_sleep_level,
             enforce_eager=r.vllm_enforce_eager,
             bucket_bytes=r.weight_sync_bucket_mb << 20,
+            dtype=TORCH_DTYPE_MAP[dtype],
         )
 
     def _dp(self) -> tuple[int, int]:
@@ -764,6 +772,14 @@ class RLTrainer(Trainer):
         generator unpacks ``(inputs, labels)`` tensors and counts their tokens)."""
         yield from data_iterable
         raise DataloaderExhaustedError()
+
+    def close(self) -> None:
+        """TorchTitan's close, then the rollout engine's: vLLM's shutdown also tears down
+        the process groups, so it must come after everything that still communicates."""
+        super().close()
+        engine = getattr(self, "engine", None)
+        if engine is not None and hasattr(engine, "close"):
+            engine.close()
 
     def train(self) -> dict[int, dict[str, dict[str, float]]]:
         """TorchTitan's loop, ``Trainer.train``, over the RL steps; -> eval results by step.

@@ -1,24 +1,16 @@
 """The native rollout engine: batched KV-cache decoding on the training model itself,
 plain or self-speculative with the model's own MTP modules.
 
-gpt-fast style, pure PyTorch. TorchTitan's blocks have no KV-cache path, so the engine
-evaluates the trunk from the model's own weights:
+gpt-fast style, pure PyTorch. The forward is the model's own: ``models.decode.Decoder``
+runs the model's modules step by step with a static KV cache (see there how it handles
+FSDP2, TP and the training wrappers), and this module is the decoding loop: prefill,
+sampling, self-speculative drafting and verification, stopping.
 
-    h = Emb(t)
-    per block:  h += wo(SDPA(rope(q_norm(wq x)), rope(k_norm(wk x)), wv x))   x = attention_norm(h)
-                h += w2(silu(w1 x) * w3 x)                                    x = ffn_norm(h)
-    logits = norm(h) @ output.weight^T
-
-and MTP module k the same way: ``h^k = block_k(eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1})]))``,
-``logits^k = norm_k(h^k) @ output.weight^T``, with ``Emb`` zero at position 0 when the model's
-``mtp_mask_first_embedding`` is set (as in training and in vLLM's drafter).
-
-Layout: every cache is indexed by token position, per row. Row b of the KV cache
-([B, n_kv_heads_local, L, head_dim] per layer) holds the keys of its own positions
-0, 1, ...; prompts are right-padded, and each row writes its new tokens at its own
-positions (a scatter), so rows may advance by different numbers of tokens per step. A query
-at position p attends to keys 0..p of its row; stale entries beyond a row's length (prompt
-padding, rejected drafts) are never attended to before they are overwritten.
+Layout: every cache is indexed by token position, per row. Prompts are right-padded, and
+each row writes its new tokens at its own positions, so rows may advance by different
+numbers of tokens per step. A query at position p attends to keys 0..p of its row; stale
+entries beyond a row's length (prompt padding, rejected drafts) are never attended to
+before they are overwritten.
 
 Self-speculative decoding (``speculative_tokens = K`` > 0), one round per step:
 
@@ -38,255 +30,28 @@ each round depend on drafts: every round recomputes module k over the K + k posi
 end at the last fed one, which makes the drafts equal to what the training forward of the
 MTP modules computes on the accepted sequence (teacher forcing).
 
-Parallelism (the model itself stays parallelism-free):
-
-- FSDP2: every ``FSDPModule`` is ``unshard()``-ed before generation and ``reshard()``-ed
-  after (the public FSDP2 API, which is not recursive, hence every module). After
-  ``unshard()`` the modules hold their unsharded parameters in the mixed-precision
-  ``param_dtype``: plain tensors under FSDP alone, DTensors on the TP mesh under FSDP + TP.
-- TP: parameters are DTensors and the math uses their local shards. wq/wk/wv/w1/w3 are
-  column-sharded (local heads / local hidden units); wo and w2 are row-sharded, so their
-  local outputs are partial sums, all-reduced over the TP group; norms, eh_proj, the
-  embedding and the output head are replicated. Sampled tokens, drafts and acceptance
-  decisions are broadcast from the first TP rank so every TP rank continues identically.
+Under tensor parallelism every TP rank decodes its heads; sampled tokens, drafts and
+acceptance decisions are broadcast from the first TP rank so every rank continues
+identically.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor, Shard
 from torchtitan.tools.logging import logger
 
+from ..models.decode import Decoder
 from .base import Completion, SamplingParams, SpecDecodeStats
 
 __all__ = ["NativeRolloutEngine", "sample_tokens", "sampling_probs", "speculative_accept"]
 
 PAD_ID = 0
 """Token fed in padding columns and after a row finished; never attended to or returned."""
-
-
-# ---------------------------------------------------------------------------- weights
-
-
-def _local(t: torch.Tensor | None) -> torch.Tensor | None:
-    """The local shard of a DTensor (the whole tensor when replicated), detached."""
-    if t is None:
-        return None
-    if isinstance(t, DTensor):
-        t = t.to_local()
-    return t.detach()
-
-
-@dataclass
-class _Norm:
-    weight: torch.Tensor | None
-    eps: float | None
-
-    @classmethod
-    def of(cls, norm: nn.RMSNorm | None) -> _Norm | None:
-        return None if norm is None else cls(_local(norm.weight), norm.eps)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-
-
-@dataclass
-class _Block:
-    """One block's local weights."""
-
-    attention_norm: _Norm
-    wq: torch.Tensor
-    bq: torch.Tensor | None
-    wk: torch.Tensor
-    bk: torch.Tensor | None
-    wv: torch.Tensor
-    bv: torch.Tensor | None
-    q_norm: _Norm | None
-    k_norm: _Norm | None
-    wo: torch.Tensor
-    bo: torch.Tensor | None
-    ffn_norm: _Norm
-    w1: torch.Tensor
-    w2: torch.Tensor
-    w3: torch.Tensor
-
-    @classmethod
-    def of(cls, block: nn.Module) -> _Block:
-        # Activation-checkpoint and torch.compile wrappers forward attribute lookups to
-        # the wrapped block (CheckpointWrapper / OptimizedModule.__getattr__).
-        attn, ffn = block.attention, block.feed_forward
-        return cls(
-            attention_norm=_Norm.of(block.attention_norm),
-            wq=_local(attn.wq.weight),
-            bq=_local(attn.wq.bias),
-            wk=_local(attn.wk.weight),
-            bk=_local(attn.wk.bias),
-            wv=_local(attn.wv.weight),
-            bv=_local(attn.wv.bias),
-            q_norm=_Norm.of(attn.q_norm),
-            k_norm=_Norm.of(attn.k_norm),
-            wo=_local(attn.wo.weight),
-            bo=_local(attn.wo.bias),
-            ffn_norm=_Norm.of(block.ffn_norm),
-            w1=_local(ffn.w1.weight),
-            w2=_local(ffn.w2.weight),
-            w3=_local(ffn.w3.weight),
-        )
-
-
-@dataclass
-class _MTPModule:
-    """One MTP module's local weights."""
-
-    enorm: _Norm
-    hnorm: _Norm
-    eh_proj: torch.Tensor  # [D, 2D], replicated
-    block: _Block
-    norm: _Norm
-
-    @classmethod
-    def of(cls, module: nn.Module) -> _MTPModule:
-        return cls(
-            enorm=_Norm.of(module.enorm),
-            hnorm=_Norm.of(module.hnorm),
-            eh_proj=_local(module.eh_proj.weight),
-            block=_Block.of(module.block),
-            norm=_Norm.of(module.norm),
-        )
-
-
-@dataclass
-class _Weights:
-    """Local views of the model's (unsharded) weights, valid while the model is unsharded."""
-
-    embedding: torch.Tensor  # [V, D], replicated
-    blocks: list[_Block]
-    norm: _Norm
-    output: torch.Tensor  # [V, D], replicated
-    mtp: list[_MTPModule]  # the first K modules, K = speculative tokens
-    mtp_mask_first_embedding: bool  # MTP modules read a zero embedding at position 0
-    rope_cache: torch.Tensor  # [max_seq_len, 2 * head_dim]
-    head_dim: int
-    n_heads: int  # local
-    n_kv_heads: int  # local
-    tp_group: dist.ProcessGroup | None  # set when the blocks are tensor-parallel
-
-    @classmethod
-    def of(cls, model: nn.Module, tp_group: dist.ProcessGroup | None, num_mtp: int) -> _Weights:
-        args = model.model_args
-        blocks = [_Block.of(block) for block in model.layers.values()]
-        head_dim = args.head_dim
-        n_heads = blocks[0].wq.shape[0] // head_dim
-        n_kv_heads = blocks[0].wk.shape[0] // head_dim
-        if n_heads != args.n_heads:  # column-sharded q/k/v: tensor parallel
-            tp_group = tp_group or _tp_group_of(model.layers["0"].attention.wq.weight)
-        else:
-            tp_group = None
-        return cls(
-            embedding=_local(model.tok_embeddings.weight),
-            blocks=blocks,
-            norm=_Norm.of(model.norm),
-            output=_local(model.output.weight),
-            mtp=[_MTPModule.of(model.mtp[str(k)]) for k in range(num_mtp)],
-            mtp_mask_first_embedding=args.mtp_mask_first_embedding,
-            rope_cache=model.rope_cache,
-            head_dim=head_dim,
-            n_heads=n_heads,
-            n_kv_heads=n_kv_heads,
-            tp_group=tp_group,
-        )
-
-
-def _tp_group_of(weight: torch.Tensor) -> dist.ProcessGroup:
-    """The process group of the mesh dimension along which a DTensor weight is sharded."""
-    if isinstance(weight, DTensor):
-        mesh = weight.device_mesh
-        for dim, placement in enumerate(weight.placements):
-            if isinstance(placement, Shard) and mesh.size(dim) > 1:
-                return mesh.get_group(dim)
-    raise ValueError(
-        "the attention projections hold a subset of the heads but are not a sharded "
-        "DTensor; pass tp_group= to NativeRolloutEngine"
-    )
-
-
-@contextlib.contextmanager
-def _unsharded(model: nn.Module) -> Iterator[None]:
-    """no_grad and every FSDP2 module unsharded; resharded on exit.
-
-    The engine reads weights and never calls a module, so train/eval mode is irrelevant
-    (and toggling it walks every submodule: 0.7 ms per call on the debug model).
-    """
-    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    try:
-        with torch.no_grad():
-            for module in fsdp_modules:
-                module.unshard()
-            yield
-    finally:
-        for module in reversed(fsdp_modules):
-            module.reshard()
-
-
-# ---------------------------------------------------------------------------- the math
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-class _KVCache:
-    """Keys and values of a stack of blocks, [B, n_kv_heads_local, L, head_dim] per block,
-    indexed by token position."""
-
-    def __init__(self, w: _Weights, blocks: int, batch: int, length: int, dtype, device):
-        shape = (batch, w.n_kv_heads, length, w.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(blocks)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(blocks)]
-
-
-SMALL_ROWS = 4
-"""Up to this many rows, block linear layers run weight-stationary (``_linear``)."""
-
-HEAD_SMALL_ROWS = 64
-"""Up to this many rows, the [V, D] output head runs weight-stationary (``_logits``)."""
-
-
-def _linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    max_rows: int = SMALL_ROWS,
-) -> torch.Tensor:
-    """F.linear(x [..., in], weight [out, in], bias [out]) -> [..., out].
-
-    Decode steps and verification multiply a few rows. On CPU BLAS (MKL), for up to
-    ``max_rows`` rows, ``weight @ x^T`` (weight-stationary: the weight is streamed once,
-    not packed) is faster than ``x @ weight^T``: 20-45% for 2-4 rows at SmolLM2's block
-    shapes (equal for 1 row, slower from about 8), and 2-3x for 2-8 rows of the
-    49152 x 576 head (up to 64 rows). This keeps the marginal cost of a verified draft low.
-    """
-    rows = x.numel() // x.shape[-1]
-    if rows > max_rows or x.device.type != "cpu":
-        return F.linear(x, weight, bias)
-    out = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t().reshape(*x.shape[:-1], -1)
-    return out if bias is None else out + bias
-
-
-def _all_reduce(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    if group is not None:
-        dist.all_reduce(x, group=group)
-    return x
 
 
 def _broadcast(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -306,102 +71,6 @@ def _put(x: torch.Tensor, positions: torch.Tensor, values: torch.Tensor) -> None
     """x[b, positions[b, t]] = values[b, t] for x [B, L, ...], values [B, T, ...]."""
     index = positions.view(*positions.shape, *([1] * (x.dim() - 2)))
     x.scatter_(1, index.expand(*values.shape), values)
-
-
-def _attention(
-    w: _Weights,
-    blk: _Block,
-    x: torch.Tensor,
-    rope: tuple[torch.Tensor, torch.Tensor],
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    positions: torch.Tensor,
-    mask: torch.Tensor,
-) -> torch.Tensor:
-    """x [B, T, D] at positions [B, T] -> attention output [B, T, D]; caches [B, H_kv, L, hd]."""
-    batch, new, _ = x.shape
-    q = _linear(x, blk.wq, blk.bq).view(batch, new, w.n_heads, w.head_dim)
-    k = _linear(x, blk.wk, blk.bk).view(batch, new, w.n_kv_heads, w.head_dim)
-    v = _linear(x, blk.wv, blk.bv).view(batch, new, w.n_kv_heads, w.head_dim)
-    if blk.q_norm is not None:
-        q = blk.q_norm(q)
-    if blk.k_norm is not None:
-        k = blk.k_norm(k)
-    cos, sin = rope
-    q = q * cos + _rotate_half(q) * sin  # TorchTitan qwen3 apply_rotary_emb
-    k = k * cos + _rotate_half(k) * sin
-    _put(k_cache.transpose(1, 2), positions, k)  # [B, L, H_kv, hd] views of the caches
-    _put(v_cache.transpose(1, 2), positions, v)
-    end = mask.shape[-1]
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2),  # [B, H, T, hd]
-        k_cache[:, :, :end],  # [B, H_kv, end, hd]
-        v_cache[:, :, :end],
-        attn_mask=mask,  # [B, 1, T, end]
-        scale=w.head_dim**-0.5,
-        enable_gqa=w.n_heads != w.n_kv_heads,
-    )
-    out = _linear(out.transpose(1, 2).reshape(batch, new, -1), blk.wo)
-    out = _all_reduce(out, w.tp_group)  # row-parallel partial sums
-    return out if blk.bo is None else out + blk.bo
-
-
-def _feed_forward(w: _Weights, blk: _Block, x: torch.Tensor) -> torch.Tensor:
-    out = _linear(F.silu(_linear(x, blk.w1)) * _linear(x, blk.w3), blk.w2)
-    return _all_reduce(out, w.tp_group)
-
-
-def _blocks(
-    w: _Weights,
-    blocks: list[_Block],
-    h: torch.Tensor,
-    positions: torch.Tensor,
-    cache: _KVCache,
-    end: int,
-) -> torch.Tensor:
-    """Run blocks on h [B, T, D] at positions [B, T] (all < ``end``), filling their cache.
-
-    A query at position p attends to its row's cache positions 0..p.
-    """
-    rope = w.rope_cache[positions.clamp(max=w.rope_cache.shape[0] - 1)].unsqueeze(2)
-    rope = rope[..., : w.head_dim].to(h.dtype), rope[..., w.head_dim :].to(h.dtype)
-    keys = torch.arange(end, device=h.device)
-    mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, T, end]
-    for i, blk in enumerate(blocks):
-        x = blk.attention_norm(h)
-        h = h + _attention(w, blk, x, rope, cache.k[i], cache.v[i], positions, mask)
-        h = h + _feed_forward(w, blk, blk.ffn_norm(h))
-    return h
-
-
-def _trunk(
-    w: _Weights, tokens: torch.Tensor, positions: torch.Tensor, cache: _KVCache, end: int
-) -> torch.Tensor:
-    """tokens [B, T] at positions [B, T] -> trunk hidden states h^0 [B, T, D] (pre-norm)."""
-    return _blocks(w, w.blocks, F.embedding(tokens, w.embedding), positions, cache, end)
-
-
-def _mtp(
-    w: _Weights,
-    k: int,
-    h_prev: torch.Tensor,
-    tokens: torch.Tensor,
-    positions: torch.Tensor,
-    cache: _KVCache,
-    end: int,
-) -> torch.Tensor:
-    """MTP module k (1-based): h^{k-1} [B, T, D] and tokens t_{i+k} [B, T] -> h^k [B, T, D]."""
-    mod = w.mtp[k - 1]
-    emb = F.embedding(tokens, w.embedding)
-    if w.mtp_mask_first_embedding:
-        emb = emb.masked_fill((positions == 0).unsqueeze(-1), 0.0)
-    x = _linear(torch.cat([mod.enorm(emb), mod.hnorm(h_prev)], dim=-1), mod.eh_proj)
-    return _blocks(w, [mod.block], x, positions, cache, end)
-
-
-def _logits(w: _Weights, norm: _Norm, h: torch.Tensor) -> torch.Tensor:
-    """float32 logits [..., V] of pre-norm hidden states [..., D] through ``norm`` and the head."""
-    return _linear(norm(h), w.output, max_rows=HEAD_SMALL_ROWS).float()
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -548,8 +217,8 @@ class NativeRolloutEngine:
             )
         self.model = model
         self.tokenizer = tokenizer
-        self.tp_group = tp_group
         self.speculative_tokens = speculative_tokens
+        self.decoder = Decoder(model.model_args, speculative_tokens, tp_group)
         self.progress_every_s = progress_every_s
         self.last_spec_stats: SpecDecodeStats | None = None
 
@@ -573,17 +242,17 @@ class NativeRolloutEngine:
                 f"prompt + max_new_tokens = {longest} tokens exceed the model's "
                 f"max_seq_len = {max_seq_len}"
             )
-        with _unsharded(self.model):
-            weights = _Weights.of(self.model, self.tp_group, self.speculative_tokens)
-            return self._generate(weights, prompts, params)
+        batch, prompt_width = len(prompts), max(len(p) for p in prompts)
+        length = prompt_width + params.max_new_tokens + self.speculative_tokens
+        with self.decoder.bound(self.model, batch, length) as decoder:
+            return self._generate(decoder, prompts, params, length)
 
     def _generate(
-        self, w: _Weights, prompts: list[list[int]], params: SamplingParams
+        self, dec: Decoder, prompts: list[list[int]], params: SamplingParams, length: int
     ) -> list[Completion]:
-        device, dtype = w.embedding.device, w.embedding.dtype
-        num_drafts, max_new = len(w.mtp), params.max_new_tokens
+        device, dtype, dim = dec.embedding.device, dec.embedding.dtype, dec.embedding.shape[1]
+        num_drafts, max_new, group = self.speculative_tokens, params.max_new_tokens, dec.tp_group
         batch, prompt_width = len(prompts), max(len(p) for p in prompts)
-        length = prompt_width + max_new + num_drafts
         prompt_len = torch.tensor([len(p) for p in prompts], device=device)
         seq = torch.full((batch, length), PAD_ID, dtype=torch.long)
         for row, prompt in enumerate(prompts):
@@ -600,12 +269,9 @@ class NativeRolloutEngine:
         )
         generator = torch.Generator(device=device).manual_seed(params.seed)
         stop_ids = torch.tensor(params.stop_token_ids, dtype=torch.long, device=device)
-        cache = _KVCache(w, len(w.blocks), batch, length, dtype, device)
-        mtp_caches = [_KVCache(w, 1, batch, length, dtype, device) for _ in w.mtp]
         # Pre-norm hidden states by position: h^0 (trunk) .. h^{K-1}, inputs of modules 1..K.
         hidden = [
-            torch.zeros(batch, length, w.embedding.shape[1], dtype=dtype, device=device)
-            for _ in w.mtp
+            torch.zeros(batch, length, dim, dtype=dtype, device=device) for _ in range(num_drafts)
         ]
         accepted_per_pos = torch.zeros(num_drafts, dtype=torch.long, device=device)
         drafts_made = torch.zeros((), dtype=torch.long, device=device)
@@ -614,9 +280,9 @@ class NativeRolloutEngine:
         # len_b - 1. Its padding positions are overwritten before anything attends to them.
         t0 = last_log = time.perf_counter()
         positions = torch.arange(prompt_width, device=device).expand(batch, -1)
-        h = _trunk(w, state.seq[:, :prompt_width], positions, cache, prompt_width)
-        logits = _logits(w, w.norm, _at(h, (prompt_len - 1)[:, None]))  # [B, 1, V]
-        token = _broadcast(sample_tokens(logits, params, generator), w.tp_group)
+        h, normed = dec.trunk(state.seq[:, :prompt_width], positions, prompt_width)
+        logits = dec.logits(_at(normed, (prompt_len - 1)[:, None]))  # [B, 1, V]
+        token = _broadcast(sample_tokens(logits, params, generator), group)
         self._emit(state, params, stop_ids, token, torch.zeros_like(prompt_len), logits)
         _put(state.seq, prompt_len[:, None], token)
         if num_drafts:
@@ -633,16 +299,16 @@ class NativeRolloutEngine:
             running = ~state.stopped
             if num_drafts:
                 drafts, draft_probs = self._draft(
-                    w, state, hidden, mtp_caches, window, query, end, params, generator
+                    dec, state, hidden, window, query, end, params, generator
                 )
             else:
                 drafts, draft_probs = state.seq.new_zeros(batch, 0), None
             # Verify: the last sampled token and the drafts, in one trunk forward.
             positions = state.fed[:, None] + torch.arange(num_drafts + 1, device=device)
-            h = _trunk(w, _at(state.seq, positions), positions, cache, end + num_drafts + 1)
-            logits = _logits(w, w.norm, h)  # [B, K + 1, V]
+            h, normed = dec.trunk(_at(state.seq, positions), positions, end + num_drafts + 1)
+            logits = dec.logits(normed)  # [B, K + 1, V]
             accepted, token = speculative_accept(logits, drafts, draft_probs, params, generator)
-            accepted, token = _broadcast(torch.stack([accepted, token]), w.tp_group)
+            accepted, token = _broadcast(torch.stack([accepted, token]), group)
             if num_drafts:
                 _put(hidden[0], positions, h)
                 hits = torch.arange(num_drafts, device=device)[None, :] < accepted[:, None]
@@ -673,10 +339,9 @@ class NativeRolloutEngine:
 
     def _draft(
         self,
-        w: _Weights,
+        dec: Decoder,
         state: _State,
         hidden: list[torch.Tensor],
-        caches: list[_KVCache],
         window: torch.Tensor,
         query: torch.Tensor | None,
         end: int,
@@ -689,29 +354,27 @@ class NativeRolloutEngine:
         prefill) and drafts from position ``query`` [B] (the last column when None).
         Drafts are written into ``state.seq`` after the last sampled token.
         """
-        num_drafts = len(w.mtp)
+        num_drafts = self.speculative_tokens
         drafts, probs = [], []
         for k in range(1, num_drafts + 1):
             positions = window if query is not None else window[:, num_drafts - k :]
-            h = _mtp(
-                w,
+            h, normed = dec.mtp(
                 k,
                 _at(hidden[k - 1], positions),
                 _at(state.seq, positions + k),  # token i + k: committed, or drafts 1..k-1
                 positions,
-                caches[k - 1],
                 end,
             )
             if k < num_drafts:
                 _put(hidden[k], positions, h)
             last = query if query is not None else torch.full_like(state.fed, h.shape[1] - 1)
-            logits = _logits(w, w.mtp[k - 1].norm, _at(h, last[:, None]).squeeze(1))  # [B, V]
+            logits = dec.logits(_at(normed, last[:, None]).squeeze(1))  # [B, V]
             if params.temperature == 0:
                 draft = logits.argmax(dim=-1)
             else:
                 probs.append(sampling_probs(logits, params))
                 draft = _draw(probs[-1], generator)
-            draft = _broadcast(draft, w.tp_group)
+            draft = _broadcast(draft, dec.tp_group)
             _put(state.seq, (state.fed + k)[:, None], draft[:, None])
             drafts.append(draft)
         return torch.stack(drafts, dim=1), torch.stack(probs, dim=1) if probs else None
