@@ -106,7 +106,7 @@ class KVCache:
         self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [B, T, n_kv_heads, head_dim] at positions [B, T]; the whole cache."""
-        index = positions[:, :, None, None].expand_as(k)
+        index = positions.view(*positions.shape, 1, 1).expand_as(k)
         self.k.transpose(1, 2).scatter_(1, index, k)  # [B, L, n_kv_heads, head_dim] views
         self.v.transpose(1, 2).scatter_(1, index, v)
         return self.k, self.v
