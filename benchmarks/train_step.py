@@ -124,8 +124,7 @@ def rl_step(objective: RLObjective, model: MTPTransformer, batch: RolloutBatch) 
     """One RL micro-batch as ``RLTrainer``'s update: ``RLObjective`` forward, backward."""
     mask = target_mask(batch.labels, model.num_mtp_modules + 1, None)
     counts = {"tokens": mask.sum(dim=(1, 2)).float(), "seqs": mask.any(dim=2).sum(dim=1).float()}
-    log: dict[str, float] = defaultdict(float)
-    objective(model, batch, counts, log).backward()
+    objective(model, batch, counts, objective.new_stats()).backward()
     objective.records.clear()
 
 

@@ -52,11 +52,11 @@ def test_avg_and_pass_at_k_match_a_direct_count_of_the_samples():
     assert 0 < metrics[f"avg@{k}"] < 1
 
 
-def test_eval_sums_add_up_over_ranks_like_one_process():
-    a = EvalSums(problems=3, greedy_correct=1, avg_sum=1.5, pass_count=2)
-    b = EvalSums(problems=1, greedy_correct=1, avg_sum=0.25, pass_count=1)
-    total = EvalSums.from_tensor(a.tensor() + b.tensor())
+def test_eval_metrics_are_rates_of_the_summed_counts():
+    # (summed over ranks by dp_reduce: tests/test_rl_stats.py)
+    total = EvalSums(problems=4, greedy_correct=2, avg_sum=1.75, pass_count=3)
     assert total.metrics(4) == {"greedy": 0.5, "avg@4": 1.75 / 4, "pass@4": 0.75}
+    assert total.metrics(0) == {"greedy": 0.5}
 
 
 def test_table_has_a_row_per_set_and_a_column_per_metric():

@@ -2,7 +2,6 @@
 on a tiny real model: one process, and two FSDP ranks on gloo."""
 
 import dataclasses
-from collections import defaultdict
 
 import pytest
 import torch
@@ -127,10 +126,11 @@ def test_the_draft_objective_puts_no_gradient_on_shared_parameters():
     grads = {}
     for draft in ("none", "ce"):
         model.zero_grad(set_to_none=True)
-        log = defaultdict(float)
-        make_objective("policy", draft=draft)(model, batch, counts, log).backward()
+        objective = make_objective("policy", draft=draft)
+        log = objective.new_stats()
+        objective(model, batch, counts, log).backward()
         grads[draft] = {n: p.grad.clone() for n, p in model.named_parameters()}
-    assert log["mtp/draft_loss/head1"] > 0 and log["mtp/draft_loss/head2"] > 0
+    assert log.draft_loss[0] > 0 and log.draft_loss[1] > 0
     for name in grads["ce"]:
         if name.startswith("mtp."):
             continue
@@ -147,7 +147,7 @@ def test_output_grad_estimator_is_the_exact_product_over_the_output_head():
     objective = make_objective("occ", estimator="output_grad")
     objective.output_grad = True
     with torch.no_grad():
-        objective(model, batch, counts, defaultdict(float))
+        objective(model, batch, counts, objective.new_stats())
     sums = objective.records[-1]["sums"]
     products = exact_products(model, make_objective(), [batch], counts)
     inner, sq = products.groups["output"]
@@ -191,7 +191,7 @@ def _fsdp_worker(rank: int, port: int, out: str) -> None:
         estimator = make_objective(estimator="output_grad")
         estimator.calibrator.group, estimator.output_grad = dist.group.WORLD, True
         with torch.no_grad():
-            estimator(model, mine, counts, defaultdict(float))
+            estimator(model, mine, counts, estimator.new_stats())
         torch.save({"lambda": lam, "inner": products.inner, "grads": grads,
                     "output_grad": estimator.records[-1]}, f"{out}.{rank}")  # fmt: skip
     finally:
@@ -236,6 +236,6 @@ def test_gradient_estimators_scale_by_beta_not_by_c(estimator):
             lams.append(exact_products(model, objective, [batch], counts).coefficient(beta))
         else:
             with torch.no_grad():
-                objective(model, batch, counts, defaultdict(float))
+                objective(model, batch, counts, objective.new_stats())
             lams.append(objective.records[-1]["applied"].double())
     torch.testing.assert_close(lams[1], 2 * lams[0])

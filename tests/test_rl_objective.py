@@ -1,7 +1,6 @@
 """The RL objective under the four MTP regimes (OCC_SPEC §2), on a tiny real model."""
 
 import dataclasses
-from collections import defaultdict
 
 import pytest
 import torch
@@ -50,8 +49,7 @@ def mtp_term_grads(regime: str) -> dict[str, torch.Tensor | None]:
         batch.labels,
         detach_mtp_head=detach,
     )
-    log = defaultdict(float)
-    obj.mtp_term(stats, batch, counts, log).backward()
+    obj.mtp_term(stats, batch, counts, obj.new_stats()).backward()
     return {name: p.grad for name, p in model.named_parameters()}
 
 
@@ -89,14 +87,15 @@ def test_occ_with_lambda_fixed_by_hand_equals_policy_with_c_equal_lambda():
 
 def test_occ_lambda_is_nonzero_once_the_policy_has_moved_and_is_logged():
     model, batch, counts = model_and_batch()
-    log = defaultdict(float)
     obj = objective("occ")
+    log = obj.new_stats()
     obj(model, batch, counts, log)
     (record,) = obj.records  # one per call with a log: the trainer's per-mini-batch rows
     assert (record["applied"] != 0.0).all() and (record["sums"]["gap_sq"] > 0.0).all()
     assert (record["sums"]["count"] > 0).all() and "gap_ratio" in record["sums"]
-    for k in range(1, K + 1):
-        assert f"mtp/ce_loss/head{k}" in log and f"mtp/pg_loss/head{k}" in log
+    assert len(log.ce_loss) == len(log.pg_loss) == K and log.draft_loss is None
+    assert all(x > 0 for x in log.ce_loss) and all(x != 0 for x in log.pg_loss)
+    assert all(0 <= log.top1[k] <= log.head_tokens[k] and log.head_tokens[k] > 0 for k in range(K))
     obj(model, batch, counts)  # without a log: nothing recorded
     assert len(obj.records) == 1
 
@@ -105,7 +104,7 @@ def test_fixed_regimes_log_their_coefficient_c_over_k():
     model, batch, counts = model_and_batch()
     for regime in ("detach", "ce", "policy"):
         obj = objective(regime, base=0.05)
-        obj(model, batch, counts, defaultdict(float))
+        obj(model, batch, counts, obj.new_stats())
         torch.testing.assert_close(obj.records[-1]["applied"], torch.full((K,), 0.05))
 
 
@@ -131,7 +130,7 @@ def test_fixed_regimes_record_the_output_grad_estimator_beside_their_coefficient
     # the proxies are computed under every regime, also the default output_grad one
     model, batch, counts = model_and_batch()
     obj = RLObjective(RL(), regime, K, 0.05, OCCCalibrator(base=0.05, estimator="output_grad"))
-    obj(model, batch, counts, defaultdict(float)).backward()
+    obj(model, batch, counts, obj.new_stats()).backward()
     record = obj.records[-1]
     assert (record["sums"]["out_sq"] > 0).all()
     torch.testing.assert_close(record["applied"], torch.full((K,), 0.05))

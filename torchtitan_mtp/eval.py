@@ -34,16 +34,6 @@ class EvalSums:
     avg_sum: float = 0.0
     pass_count: float = 0.0
 
-    def tensor(self) -> torch.Tensor:
-        return torch.tensor(
-            [self.problems, self.greedy_correct, self.avg_sum, self.pass_count],
-            dtype=torch.float64,
-        )
-
-    @classmethod
-    def from_tensor(cls, t: torch.Tensor) -> EvalSums:
-        return cls(*t.tolist())
-
     def metrics(self, k: int) -> dict[str, float]:
         n = max(self.problems, 1.0)
         out = {"greedy": self.greedy_correct / n}

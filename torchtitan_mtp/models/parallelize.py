@@ -9,6 +9,9 @@ embedding/output pair stays one parameter.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import TypeVar
+
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -37,6 +40,7 @@ __all__ = [
     "SAC_SAVE_OPS",
     "apply_fsdp",
     "apply_tp",
+    "dp_reduce",
     "dp_sum",
     "parallelize_mtp",
     "reduce_partial_grads",
@@ -287,3 +291,45 @@ def dp_sum(x: torch.Tensor, parallel_dims: ParallelDims) -> torch.Tensor:
     if parallel_dims.dp_enabled:
         torch.distributed.all_reduce(x, group=parallel_dims.get_mesh("batch").get_group())
     return x
+
+
+S = TypeVar("S")
+
+
+def dp_reduce(sums: S, parallel_dims: ParallelDims, device: torch.device | str = "cpu") -> S:
+    """The one reduction of logged statistics: a copy of the dataclass ``sums`` with every
+    number, list of numbers and nested dataclass field summed over the data-parallel
+    ranks, in one float64 all-reduce. ``None`` fields stay ``None``; ints stay ints. Every
+    rank must pass the same layout (the same fields set, lists of the same length)."""
+    values: list[float] = []
+
+    def flatten(obj) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                flatten(value)
+            elif isinstance(value, (list, tuple)):
+                values.extend(float(x) for x in value)
+            elif value is not None:
+                values.append(float(value))
+
+    flatten(sums)
+    total = dp_sum(torch.tensor(values, dtype=torch.float64, device=device), parallel_dims)
+    it = iter(total.cpu().tolist())
+
+    def cast(like, x: float):
+        return round(x) if isinstance(like, int) and not isinstance(like, bool) else x
+
+    def rebuild(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                out[f.name] = rebuild(value)
+            elif isinstance(value, (list, tuple)):
+                out[f.name] = type(value)(cast(x, next(it)) for x in value)
+            elif value is not None:
+                out[f.name] = cast(value, next(it))
+        return dataclasses.replace(obj, **out)
+
+    return rebuild(sums)

@@ -25,6 +25,7 @@ from torch import nn
 
 from .objective import Part, RLObjective, RolloutBatch
 from .occ import exact_coefficient
+from .stats import UpdateStats
 
 __all__ = [
     "PARAMETER_GROUPS",
@@ -66,7 +67,7 @@ def term_gradients(
     micro: list[RolloutBatch],
     counts: dict[str, torch.Tensor],
     part: Part,
-    log: dict[str, float] | None = None,
+    log: UpdateStats | None = None,
     device: torch.device | str = "cpu",
 ) -> Grads:
     """Gradients of one ``part`` of the objective over the mini-batch's micro-batches:
@@ -123,7 +124,7 @@ def exact_products(
     objective: RLObjective,
     micro: list[RolloutBatch],
     counts: dict[str, torch.Tensor],
-    log: dict[str, float] | None = None,
+    log: UpdateStats | None = None,
     device: torch.device | str = "cpu",
 ) -> ExactProducts:
     """K + 1 forward/backward passes -> ``ExactProducts``; ``log`` goes to the main pass

@@ -1,8 +1,9 @@
 """The RL objective of one micro-batch: the main surrogate plus the regime's MTP term.
 
-OCC_SPEC §2 and §4. ``RLObjective(model, batch, counts, log)`` returns this rank's share
-of the loss (normalised by GLOBAL counts, so summing gradients over data-parallel ranks
-gives the gradient of the global objective) and adds metrics to ``log``:
+OCC_SPEC §2 and §4. ``RLObjective(model, batch, counts, stats)`` returns this rank's
+share of the loss (normalised by GLOBAL counts, so summing gradients over data-parallel
+ranks gives the gradient of the global objective) and adds its statistics to ``stats``
+(an ``UpdateStats``):
 
 - main head: clipped surrogate (clip-higher, optional dual-clip, GSPO), optional k3 KL to
   the frozen reference and entropy bonus;
@@ -19,7 +20,6 @@ The OCC proxies are computed (and logged) under every regime, so curves compare.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -36,6 +36,7 @@ from ..models.logprobs import (
     token_logprobs,
 )
 from .occ import OCCCalibrator, loss_token_weights, output_gradient_sums
+from .stats import UpdateStats
 
 __all__ = ["RLObjective", "RolloutBatch"]
 
@@ -83,9 +84,13 @@ class RLObjective:
     """Compute ``occ.output_gradient_sums`` (the "output_grad" estimator's statistics) even
     when the calibrator's estimator does not need them (exact OCC, diagnostics)."""
     records: list[dict] = field(default_factory=list)
-    """Per call with ``log``: {"sums": the global proxy sums (``occ.proxy_sums``, plus
+    """Per call with ``stats``: {"sums": the global proxy sums (``occ.proxy_sums``, plus
     ``output_gradient_sums``), "applied": the applied coefficients [K]}; the trainer
     collects them per mini-batch and clears the list."""
+
+    def new_stats(self) -> UpdateStats:
+        """Zeroed statistics with this objective's layout (K heads, the draft objective)."""
+        return UpdateStats.zeros(self.num_mtp, draft=self.draft_loss == "ce" and self.num_mtp > 0)
 
     def _policy_kwargs(self, logp, batch, mask, tokens, seqs) -> dict:
         rl = self.rl
@@ -153,11 +158,11 @@ class RLObjective:
         stats: AlignedTokenStats,
         batch: RolloutBatch,
         counts: dict[str, torch.Tensor],
-        log: dict[str, float],
+        log: UpdateStats,
         exact: tuple[torch.Tensor, torch.Tensor] | None = None,
         output_grad: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """The regime's MTP loss term over heads 1..K; per-head metrics go to ``log``.
+        """The regime's MTP loss term over heads 1..K; per-head statistics go to ``log``.
 
         ``exact``: (<g, g_m^k>, ||g_m^k||^2) [K] for the "exact" OCC estimator.
         ``output_grad``: ``output_gradient_sums`` for the "output_grad" estimator.
@@ -186,10 +191,10 @@ class RLObjective:
             applied[k - 1] = coefficient
             total = total + term
             mask = stats.mask[k]
-            log[f"mtp/pg_loss/head{k}"] += pg.detach().item()
-            log[f"mtp/ce_loss/head{k}"] += ce.detach().item()
-            log[f"_top1/head{k}"] += (stats.top1[k] & mask).sum().item()
-            log[f"_tokens/head{k}"] += mask.sum().item()
+            log.pg_loss[k - 1] += pg.detach().item()
+            log.ce_loss[k - 1] += ce.detach().item()
+            log.top1[k - 1] += (stats.top1[k] & mask).sum().item()
+            log.head_tokens[k - 1] += mask.sum().item()
         self.records.append({"sums": {n: v.cpu() for n, v in occ.sums.items()}, "applied": applied})
         return total
 
@@ -199,7 +204,7 @@ class RLObjective:
         draft_hidden: list[torch.Tensor],
         batch: RolloutBatch,
         counts: dict[str, torch.Tensor],
-        log: dict[str, float],
+        log: UpdateStats,
     ) -> torch.Tensor:
         """``draft_coefficient * sum_k CE_k`` of the detached draft pass (MTP-only grads)."""
         logp = draft_logprobs(model, draft_hidden, batch.labels)
@@ -213,7 +218,7 @@ class RLObjective:
                 global_tokens=counts["tokens"][k],
                 global_seqs=counts["seqs"][k],
             )
-            log[f"mtp/draft_loss/head{k}"] += ce.detach().item()
+            log.draft_loss[k - 1] += ce.detach().item()
             total = total + ce
         return self.draft_coefficient * total
 
@@ -244,7 +249,7 @@ class RLObjective:
         model: nn.Module,
         batch: RolloutBatch,
         counts: dict[str, torch.Tensor],
-        log: dict[str, float] | None = None,
+        log: UpdateStats | None = None,
         *,
         part: Part = "all",
         exact: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -253,13 +258,13 @@ class RLObjective:
 
         ``part`` (see ``Part``) serves the exact OCC estimator, which needs the gradients
         of the main objective and of every head's MTP loss separately; ``exact`` carries
-        its gradient products into the logged statistics. Metrics go to ``log`` (and the
-        OCC sums to ``records``) only when ``log`` is given.
+        its gradient products into the logged statistics. Statistics go to ``log`` (and
+        the OCC sums to ``records``) only when ``log`` is given (``new_stats()``).
         """
         if isinstance(part, int) and not isinstance(part, bool):
             return self.diagnostic_losses(model, batch, counts)[part]
         record = log is not None
-        log = defaultdict(float) if log is None else log
+        log = self.new_stats() if log is None else log
         rl, detach = self.rl, self.regime == "detach"
         draft = self.draft_loss == "ce" and self.num_mtp > 0
         hidden = model(batch.inputs, detach_mtp_inputs=detach, draft_pass=draft)
@@ -271,14 +276,14 @@ class RLObjective:
         loss, pg_stats = policy_loss(
             **self._policy_kwargs(stats.logp[0], batch, mask, tokens, seqs)
         )
-        log["_clipped"] += float(pg_stats.clipped_tokens)
-        log["rl/entropy"] += aggregate(stats.entropy.detach(), mask, "token-mean", **norm).item()
+        log.clipped_tokens += float(pg_stats.clipped_tokens)
+        log.entropy += aggregate(stats.entropy.detach(), mask, "token-mean", **norm).item()
         if rl.entropy_coef:
             loss = loss - rl.entropy_coef * aggregate(stats.entropy, mask, rl.loss_agg_mode, **norm)
         if batch.ref_logp is not None:
             kl = kl_k3(stats.logp[0], batch.ref_logp)
             loss = loss + rl.kl_coef * aggregate(kl, mask, rl.loss_agg_mode, **norm)
-            log["rl/kl"] += aggregate(kl.detach(), mask, "token-mean", **norm).item()
+            log.kl += aggregate(kl.detach(), mask, "token-mean", **norm).item()
         if self.num_mtp:
             records = len(self.records)
             out = None

@@ -25,7 +25,6 @@ import copy
 import json
 import os
 import time
-from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -48,7 +47,7 @@ from ..data.datasets import aime2025, apply_chat_template
 from ..data.records import Problem
 from ..data.tasks import rl_prompt_splits
 from ..data.tokenizer import pad_id, tokenizer_dir
-from ..eval import EvalSums, evaluate_set, format_table
+from ..eval import evaluate_set, format_table
 from ..losses import (
     dynamic_sampling_keep,
     grpo_advantages,
@@ -57,13 +56,14 @@ from ..losses import (
     valid_counts,
 )
 from ..models.logprobs import IGNORE_INDEX, target_mask, token_logprobs
-from ..models.parallelize import dp_sum
+from ..models.parallelize import dp_reduce, dp_sum
 from ..rewards import get_reward_function, score_batch
 from ..rollout.base import Completion, RolloutEngine, SamplingParams, SpecDecodeStats
 from ..rollout.native import NativeRolloutEngine
 from .exact import apply_exact_gradients, exact_products
 from .objective import RLObjective, RolloutBatch
 from .occ import PROXY_ESTIMATORS, OCCCalibrator, proxy_estimate
+from .stats import StepStats, UpdateStats
 
 # Estimators informative on a step's first mini-batch too (no log-prob change needed).
 _GRADIENT_ESTIMATORS = ("exact", "output_grad")
@@ -398,7 +398,7 @@ class RLTrainer(Trainer):
         # 5. ppo_epochs x mini_batches optimizer updates, micro-batch accumulation.
         self.checkpointer.maybe_wait_for_staging()  # an async save's copy of the weights
         t1 = time.perf_counter()
-        log: dict[str, float] = defaultdict(float)
+        log = self.objective.new_stats()
         num_rows, grad_norms, records = batch.inputs.shape[0], [], []
         bounds = torch.linspace(0, num_rows, rl.mini_batches + 1).round().long().tolist()
         diagnose = bool(rl.diagnostics_every) and step % rl.diagnostics_every == 0
@@ -442,7 +442,20 @@ class RLTrainer(Trainer):
         times = (t_rollout, t_update, time.perf_counter() - t0)
         spec_metrics["perf/weight_sync_seconds"] = t_sync
         spec_metrics.update(self._occ_metrics(records))
-        self._log_step(log, grad_norms, correct, rewards, lengths, batch, times, spec_metrics)
+        mask = batch.labels != IGNORE_INDEX
+        mismatch = (batch.rollout_logp - batch.old_logp).abs()[mask]
+        stats = StepStats(
+            update=log,
+            sequences=float(len(correct)),
+            correct=float(correct.sum()),
+            reward=float(rewards.sum()),
+            response_tokens=float(lengths.sum()),
+            input_tokens=float((batch.inputs != self.pad_id).sum()),
+            trained_tokens=float(mask.sum()) * rl.ppo_epochs,
+            logprob_mismatch=float(mismatch.sum()),
+            mismatch_tokens=float(mismatch.numel()),
+        )
+        self._log_step(stats, grad_norms, times, spec_metrics)
 
         # 7. Held-out eval every eval.every_steps steps and after the last.
         every = self.job_config.eval.every_steps
@@ -462,10 +475,9 @@ class RLTrainer(Trainer):
             return {}
         stats = stats or SpecDecodeStats()
         width = self.job_config.rollout.speculative_tokens
-        per_pos = (stats.accepted_per_pos + [0] * width)[:width]
-        counts = torch.tensor([stats.num_drafts, stats.num_draft_tokens, *per_pos])
-        total = dp_sum(counts.to(self.device), self.parallel_dims).cpu().tolist()
-        return SpecDecodeStats(total[0], total[1], total[2:]).metrics()
+        per_pos = (stats.accepted_per_pos + [0] * width)[:width]  # the same layout on all ranks
+        mine = SpecDecodeStats(stats.num_drafts, stats.num_draft_tokens, per_pos)
+        return dp_reduce(mine, self.parallel_dims, self.device).metrics()
 
     def _truncated_importance_sampling(self, batch: RolloutBatch) -> dict[str, float]:
         """Scale every response token's advantage by min(pi_trainer / pi_rollout, cap).
@@ -489,7 +501,7 @@ class RLTrainer(Trainer):
     # ---------------------------------------------------------------- exact OCC
 
     def _exact_update(
-        self, micro: list[RolloutBatch], counts: dict[str, torch.Tensor], log: dict
+        self, micro: list[RolloutBatch], counts: dict[str, torch.Tensor], log: UpdateStats
     ) -> dict[str, torch.Tensor]:
         """Exact products of one mini-batch (``rl/exact.py``); with the "exact" estimator
         the main pass logs the step's metrics and the update's gradients are set here."""
@@ -612,64 +624,27 @@ class RLTrainer(Trainer):
 
     def _log_step(
         self,
-        log: dict[str, float],
+        stats: StepStats,
         grad_norms: list[float],
-        correct: torch.Tensor,
-        rewards: torch.Tensor,
-        lengths: torch.Tensor,
-        batch: RolloutBatch,
         times: tuple[float, float, float],
         extra: dict[str, float],
     ) -> None:
-        """Reduce the step's sums over data-parallel ranks, log them, print one line.
+        """Reduce the step's statistics over data-parallel ranks, log them, print one line.
 
-        ``extra``: metrics already global (acceptance, TIS, sync time)."""
+        ``grad_norms``: one per optimizer update; ``extra``: metrics already global
+        (acceptance, TIS, OCC, sync time)."""
         t_rollout, t_update, t_step = times
-        mask = batch.labels != IGNORE_INDEX
-        mismatch = (batch.rollout_logp - batch.old_logp).abs()[mask]
-        sums = torch.tensor(
-            [
-                correct.sum(),
-                rewards.sum(),
-                lengths.sum(),
-                float(len(correct)),
-                mismatch.sum(),
-                float(mismatch.numel()),
-                log.pop("_clipped", 0.0),
-                float(mask.sum()) * self.job_config.rl.ppo_epochs,
-                float((batch.inputs != self.pad_id).sum()),
-            ]
+        stats = dp_reduce(stats, self.parallel_dims, self.device)
+        metrics = stats.metrics(updates=len(grad_norms))
+        metrics.update(
+            {
+                "rl/grad_norm": sum(grad_norms) / len(grad_norms),
+                "rl/lr": self.lr_schedulers.schedulers[0].get_last_lr()[0],
+                "perf/rollout_seconds": t_rollout,
+                "perf/update_seconds": t_update,
+                "perf/tokens_per_second": (stats.input_tokens + stats.response_tokens) / t_step,
+            }
         )
-        keys = sorted(log)
-        values = torch.tensor([log[k] for k in keys], dtype=torch.float32)
-        totals = dp_sum(torch.cat([sums, values]).to(self.device), self.parallel_dims).cpu()
-        (acc, reward, length, count, mism, mism_n, clipped, tokens, seq_tokens) = totals[
-            :9
-        ].tolist()
-        reduced = dict(zip(keys, totals[9:].tolist(), strict=True))
-        metrics: dict[str, float] = {
-            "rl/accuracy": acc / count,
-            "rl/reward_mean": reward / count,
-            "rl/response_length": length / count,
-            "rl/clip_fraction": clipped / max(tokens, 1),
-            "rl/grad_norm": sum(grad_norms) / len(grad_norms),
-            "rl/lr": self.lr_schedulers.schedulers[0].get_last_lr()[0],
-            "rl/kl": 0.0,
-            "rollout/logprob_mismatch": mism / max(mism_n, 1),
-            "perf/rollout_seconds": t_rollout,
-            "perf/update_seconds": t_update,
-            "perf/tokens_per_second": (seq_tokens + length) / t_step,
-        }
-        # Sums of per-micro-batch shares of global means -> per-update means.
-        num_updates = len(grad_norms)
-        for key, value in reduced.items():
-            if key.startswith("_tokens/"):
-                continue
-            if key.startswith("_top1/"):
-                head = key.split("/")[1]
-                metrics[f"mtp/top1_agreement/{head}"] = value / max(reduced[f"_tokens/{head}"], 1)
-            else:
-                metrics[key] = value / num_updates
         if hasattr(self.reward_fn, "stats"):  # outcome counts of the reward workers
             stats = self.reward_fn.stats(reset=True)
             metrics.update({f"reward/{reason}": float(n) for reason, n in stats.items()})
@@ -728,9 +703,7 @@ class RLTrainer(Trainer):
                 sampled=self._sampling_params(self._step_seed(step, salt=1)),
                 k=k,
             )
-            sums = EvalSums.from_tensor(
-                dp_sum(sums.tensor().to(self.device), self.parallel_dims).cpu()
-            )
+            sums = dp_reduce(sums, self.parallel_dims, self.device)
             metrics = sums.metrics(k)
             results[name] = metrics
             rows[name] = (int(sums.problems), metrics)
