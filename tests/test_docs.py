@@ -172,6 +172,7 @@ def test_metrics_glossary_matches_the_tags_a_tiny_job_logs(tmp_path):
     cmd += ["--job.config_file", str(ROOT / "train_configs" / "debug_occ.toml")]
     cmd += ["--training.steps", "4", "--rl.steps", "2", "--rl.prompts_per_step", "4"]
     cmd += ["--eval.every_steps", "2", "--rl.diagnostics_every", "2", "--metrics.log_freq", "1"]
+    cmd += ["--data.num_heldout", "256"]
     cmd += ["--job.dump_folder", str(tmp_path / "out")]
     proc = subprocess.run(
         cmd, cwd=tmp_path, env=_env(drop=DIST_VARS), capture_output=True, text=True, timeout=240

@@ -24,7 +24,8 @@ def _env() -> dict[str, str]:
 def test_python_m_train_runs_as_one_process_without_torchrun(tmp_path):
     cmd = [sys.executable, "-m", "torchtitan_mtp.train", "--job.config_file", str(CONFIG)]
     cmd += ["--training.steps", "4", "--rl.steps", "1", "--rl.prompts_per_step", "4"]
-    cmd += ["--eval.every_steps", "0", "--job.dump_folder", str(tmp_path / "out")]
+    cmd += ["--eval.every_steps", "0", "--data.num_heldout", "256"]
+    cmd += ["--job.dump_folder", str(tmp_path / "out")]
     proc = subprocess.run(
         cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240
     )
