@@ -1,12 +1,14 @@
 """Rollout throughput, measured in one run on the same model and prompts.
 
 Rows: the native engine plain, the native engine self-speculative (MTP drafts, with
-acceptance), HF transformers ``generate`` (the reference a user would otherwise pick;
-optional dependency), and ``--vllm K,K``: ``VLLMRolloutEngine`` after one weight sync,
+acceptance), each also compiled with ``--compile-decode none,compile`` (``[rollout]
+compile_decode``; "cudagraphs" on a GPU) next to its eager row with the speed ratio, HF
+transformers ``generate`` (the reference a user would otherwise pick; optional
+dependency), and ``--vllm K,K``: ``VLLMRolloutEngine`` after one weight sync,
 plain (K = 0) and with the MTP draft (K = 1), on vLLM's CPU build (float32) or on a GPU
 (bfloat16). Greedy decoding: the native rows must emit exactly the same tokens (checked),
 vLLM rows that differ are reported, and every row counts tokens up to and with the stop
-token.
+token. A compiled engine is compiled in its warm-up call, outside the timed runs.
 
     # the default job's trained debug model (MTP heads trained by SFT + RL)
     python benchmarks/rollout.py --suite debug \\
@@ -24,6 +26,10 @@ token.
     python benchmarks/rollout.py --suite smollm2 --batch 1,8 --vllm 0,1 --draft ...
     # on a GPU with vllm==0.33.0 (not run yet)
     python benchmarks/rollout.py --suite smollm2 --device cuda --vllm 0,1 --draft ...
+    # the compiled decoder next to the eager one: on CPU, and on a GPU (CUDA graphs)
+    python benchmarks/rollout.py --suite debug --compile-decode none,compile ...
+    python benchmarks/rollout.py --suite smollm2 --device cuda --batch 1,64 \
+        --compile-decode none,cudagraphs --draft ...
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ from torchtitan_mtp.config import parse_job_config
 from torchtitan_mtp.data.tasks import rl_prompt_splits
 from torchtitan_mtp.data.tokenizer import build_tokenizer, tokenizer_dir
 from torchtitan_mtp.rollout import NativeRolloutEngine, SamplingParams, SpecDecodeStats
+from torchtitan_mtp.rollout.native import COMPILE_MODES
 from torchtitan_mtp.rollout.vllm_engine import import_vllm
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +71,10 @@ class Row:
     seconds: float
     stats: SpecDecodeStats | None = None
     token_ids: list[list[int]] | None = None
+    k: int | None = None
+    """Native rows: speculative tokens."""
+    compile_decode: str = "none"
+    """Native rows: the decoder's compile mode."""
 
     @property
     def tok_s(self) -> float:
@@ -81,11 +92,14 @@ def timed(fn: Callable[[], int], repeats: int, warmup: Callable[[], object]) -> 
     return tokens, statistics.median(times)
 
 
-def native_rows(model, prompts, params, batch, ks, repeats) -> list[Row]:
+def native_rows(model, prompts, params, batch, ks, repeats, mode, backend) -> list[Row]:
+    """Plain and speculative rows of one compile mode; greedy: the same tokens (checked)."""
     rows = []
     reference = None
     for k in [0, *ks]:
-        engine = NativeRolloutEngine(model, speculative_tokens=k)
+        engine = NativeRolloutEngine(
+            model, speculative_tokens=k, compile_decode=mode, compile_backend=backend
+        )
         outputs: list = []
 
         def run(engine=engine, outputs=outputs) -> int:
@@ -95,7 +109,10 @@ def native_rows(model, prompts, params, batch, ks, repeats) -> list[Row]:
             return sum(len(c.token_ids) for c in outputs)
 
         def warmup(engine=engine) -> None:
-            engine.generate(prompts[:batch], params)
+            # Stop ids that never match (as many: the compiled round's shapes), so that the
+            # rounds after the first one run, and a compiled engine compiles here.
+            never = tuple(-1 for _ in params.stop_token_ids)
+            engine.generate(prompts[:batch], dataclasses.replace(params, stop_token_ids=never))
 
         stats = SpecDecodeStats()
         tokens, seconds = timed(run, repeats, warmup)
@@ -109,9 +126,10 @@ def native_rows(model, prompts, params, batch, ks, repeats) -> list[Row]:
         if reference is None:
             reference = ids
         elif params.temperature == 0 and ids != reference:
-            raise AssertionError(f"speculative K={k} changed the greedy tokens")
-        rows.append(Row("native" if k == 0 else f"native spec K={k}", batch, tokens, seconds,
-                        stats if k else None, ids))  # fmt: skip
+            raise AssertionError(f"speculative K={k} ({mode}) changed the greedy tokens")
+        name = "native" if k == 0 else f"native spec K={k}"
+        name += "" if mode == "none" else f" [{mode}]"
+        rows.append(Row(name, batch, tokens, seconds, stats if k else None, ids, k, mode))
     return rows
 
 
@@ -153,20 +171,30 @@ def hf_row(gguf: Path, prompts, params: SamplingParams, batch, repeats) -> Row |
 def print_table(title: str, rows: list[Row]) -> None:
     print(f"\n{title}")
     header = (
-        f"| {'engine':<26} | {'batch':>5} | {'tokens':>6} | {'s':>7} | {'tok/s':>8} | "
-        f"{'vs plain':>8} | {'accept':>6} | {'accept len':>10} | {'per position':<18} |"
+        f"| {'engine':<30} | {'batch':>5} | {'tokens':>6} | {'s':>7} | {'tok/s':>8} | "
+        f"{'vs plain':>8} | {'vs eager':>8} | {'accept':>6} | {'accept len':>10} | "
+        f"{'per position':<18} |"
     )
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    plain = {r.batch: r.tok_s for r in rows if r.engine == "native"}
+    plain = {(r.batch, r.compile_decode): r.tok_s for r in rows if r.k == 0}
+    eager = {
+        (r.batch, r.k): r.tok_s for r in rows if r.k is not None and r.compile_decode == "none"
+    }
     for r in rows:
         m = r.stats.metrics() if r.stats else {}
         per_pos = " ".join(f"{v:.2f}" for k, v in m.items() if "/pos" in k)
         accept = f"{m['mtp/accept_rate']:.2f}" if m else "-"
         length = f"{m['mtp/accept_length']:.2f}" if m else "-"
+        # Against the plain row of the same compile mode (other engines: the first one).
+        same = [v for (b, mode), v in plain.items() if b == r.batch and mode == r.compile_decode]
+        vs_plain = r.tok_s / (same or [v for (b, _), v in plain.items() if b == r.batch])[0]
+        vs_eager = "-"
+        if r.compile_decode != "none" and (r.batch, r.k) in eager:
+            vs_eager = f"{r.tok_s / eager[r.batch, r.k]:.2f}x"
         print(
-            f"| {r.engine:<26} | {r.batch:>5} | {r.tokens:>6} | {r.seconds:>7.2f} | "
-            f"{r.tok_s:>8.1f} | {r.tok_s / plain[r.batch]:>7.2f}x | {accept:>6} | "
+            f"| {r.engine:<30} | {r.batch:>5} | {r.tokens:>6} | {r.seconds:>7.2f} | "
+            f"{r.tok_s:>8.1f} | {vs_plain:>7.2f}x | {vs_eager:>8} | {accept:>6} | "
             f"{length:>10} | {per_pos:<18} |"
         )
 
@@ -240,6 +268,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hf", action="store_true", help="smollm2: add HF transformers generate")
     p.add_argument("--draft", help="smollm2: MTP draft from benchmarks/smollm2_draft.py")
     p.add_argument(
+        "--compile-decode",
+        default="none",
+        metavar="MODE[,MODE]",
+        help="native rows in each compile mode (none, compile, cudagraphs): e.g. none,compile "
+        "puts compiled rows next to the eager ones, with the ratio",
+    )
+    p.add_argument(
+        "--compile-backend",
+        default="inductor",
+        help="torch.compile backend of the compiled rows (inductor; eager to check the plumbing)",
+    )
+    p.add_argument(
         "--vllm",
         default=None,
         metavar="K[,K]",
@@ -258,6 +298,9 @@ def main(argv: list[str] | None = None) -> None:
         help="the vLLM engine's dtype (default: float32 on CPU, bfloat16 on a GPU)",
     )
     args = p.parse_args(argv)
+    modes = args.compile_decode.split(",")
+    if bad := [m for m in modes if m not in COMPILE_MODES]:
+        p.error(f"--compile-decode {','.join(bad)}: one of {', '.join(COMPILE_MODES)}")
     if args.vllm is not None:
         try:
             import_vllm()
@@ -311,7 +354,10 @@ def main(argv: list[str] | None = None) -> None:
     model.to(device)
     rows = []
     for b in batches:
-        rows += native_rows(model, prompts, params, b, ks, args.repeats)
+        for mode in modes:
+            rows += native_rows(
+                model, prompts, params, b, ks, args.repeats, mode, args.compile_backend
+            )
         if args.hf and args.suite == "smollm2":
             if row := hf_row(find_smollm2_gguf(), prompts, params, b, args.repeats):
                 rows.append(row)
@@ -319,14 +365,23 @@ def main(argv: list[str] | None = None) -> None:
         dtype = args.vllm_dtype or ("float32" if device.type == "cpu" else "bfloat16")
         vllm = vllm_rows(model, prompts, params, batches, k, args.repeats, tok_dir,
                          getattr(torch, dtype), args.vllm_eager)  # fmt: skip
-        native = {r.batch: r.token_ids for r in rows if r.engine == "native"}
+        native = {r.batch: r.token_ids for r in rows if r.k == 0 and r.compile_decode == "none"}
         for r in vllm:
             differ = sum(a != b for a, b in zip(r.token_ids, native[r.batch], strict=True))
             if differ:
                 print(f"{r.engine} batch {r.batch}: {differ} of {len(prompts)} completions "
                       "differ from the native engine's", file=sys.stderr)  # fmt: skip
         rows += vllm
-    rows.sort(key=lambda r: r.batch)  # stable: each batch's rows in the order run
+    native = {(r.batch, r.k): r.token_ids for r in rows if r.compile_decode == "none"}
+    for r in rows:  # compiled kernels round differently: near-ties may flip (reported)
+        if r.compile_decode != "none" and (r.batch, r.k) in native:
+            ids = native[r.batch, r.k]
+            differ = sum(a != b for a, b in zip(r.token_ids, ids, strict=True))
+            if differ:
+                print(f"{r.engine} batch {r.batch}: {differ} of {len(prompts)} completions "
+                      "differ from the eager engine's", file=sys.stderr)  # fmt: skip
+    # Each batch's native rows by K, the compiled ones next to the eager one, then the rest.
+    rows.sort(key=lambda r: (r.batch, r.k is None, r.k or 0))
     where = f"{args.threads} threads" if device.type == "cpu" else str(device)
     print_table(f"{title}, native engine on {where}", rows)
 

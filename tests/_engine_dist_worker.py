@@ -94,6 +94,14 @@ def run(model: MTPTransformer) -> dict:
     spec = NativeRolloutEngine(model, speculative_tokens=1)
     spec_greedy = spec.generate(PROMPTS, GREEDY)
     spec_sampled = spec.generate(PROMPTS, SAMPLED)
+    # The compiled round (traced, run without code generation); refused under TP.
+    compiled = NativeRolloutEngine(
+        model, speculative_tokens=1, compile_decode="compile", compile_backend="eager"
+    )
+    try:
+        compiled_greedy = [c.token_ids for c in compiled.generate(PROMPTS, GREEDY)]
+    except ValueError as e:
+        compiled_greedy = str(e)
     result = {
         "greedy": [c.token_ids for c in greedy],
         "greedy_logprobs": [c.logprobs for c in greedy],
@@ -101,6 +109,7 @@ def run(model: MTPTransformer) -> dict:
         "spec_greedy": [c.token_ids for c in spec_greedy],
         "spec_sampled": [c.token_ids for c in spec_sampled],
         "spec_stats": vars(spec.last_spec_stats),
+        "compiled_spec_greedy": compiled_greedy,
         "training_restored": model.training,
         "sync": bucket_digest(model),
     }

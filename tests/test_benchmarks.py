@@ -36,6 +36,39 @@ def test_rollout_benchmark_prints_plain_and_speculative_rows():
     assert "random weights" in out.stderr
 
 
+def test_rollout_benchmark_puts_compiled_rows_next_to_the_eager_ones():
+    """--compile-decode none,compile (dynamo's eager backend: the plumbing, not inductor):
+    each compiled row after its eager row, with the ratio; the greedy check covers both."""
+    cmd = [sys.executable, str(BENCHMARKS / "rollout.py"), "--suite", "debug", "--prompts", "4",
+           "--batch", "2", "--k", "1", "--repeats", "1", "--threads", "1",
+           "--compile-decode", "none,compile", "--compile-backend", "eager"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("| native")]
+    names = [line.split("|")[1].strip() for line in lines]
+    assert names == ["native", "native [compile]", "native spec K=1", "native spec K=1 [compile]"]
+    vs_eager = [line.split("|")[7].strip() for line in lines]
+    assert vs_eager[0] == vs_eager[2] == "-" and vs_eager[1].endswith("x")
+    assert "differ from the eager engine" not in out.stderr
+
+
+def test_ab_driver_reads_both_trees_tables_and_prints_medians_and_ratios():
+    """rollout_ab.py parses tables by their header (an older tree's has fewer columns)."""
+    import rollout_ab
+
+    old = "| engine | batch | tokens | s | tok/s | vs plain |\n|---|---|---|---|---|---|\n"
+    new = "| engine | batch | tokens | s | tok/s | vs plain | vs eager |\n|---|\n"
+    runs = {
+        "A": [rollout_ab.table_rows(old + f"| native | 8 | 100 | 1.0 | {v} | 1.00x |\n")
+              for v in (10.0, 30.0, 20.0)],
+        "B": [rollout_ab.table_rows(new + f"| native | 8 | 100 | 1.0 | {v} | 1.00x | - |\n")
+              for v in (22.0, 24.0, 40.0)],
+    }  # fmt: skip
+    assert runs["A"][0] == {("native", 8): (10.0, 100)}
+    lines = rollout_ab.summary(runs)
+    assert lines[2] == "| native | 8 | 20.0 | 24.0 | 1.20x | 10.0 30.0 20.0 | 22.0 24.0 40.0 |"
+
+
 def test_vllm_rows_without_vllm_exit_saying_what_to_install():
     """vLLM hidden (``sys.modules["vllm"] = None``), so an installed one cannot mask it."""
     script = str(BENCHMARKS / "rollout.py")

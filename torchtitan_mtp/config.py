@@ -205,6 +205,13 @@ class Rollout:
     verify them with one trunk forward (lossless). Native engine: N <= mtp.num_modules;
     vLLM: speculative_config={"method": "mtp", "num_speculative_tokens": N}. 0 = off"""
 
+    compile_decode: Literal["none", "compile", "cudagraphs"] = "none"
+    """Native engine: "none" decodes eagerly; "compile" runs each decoding round (drafts,
+    verification, acceptance) through torch.compile at fixed shapes over the static KV
+    cache, without waiting for the device between rounds; "cudagraphs" also replays the
+    compiled round as one CUDA graph (GPU only; gpt-fast's recipe). Lossless either way;
+    the first call of a batch size compiles. Not under tensor parallelism"""
+
     vllm_gpu_memory_utilization: float = field(default=0.4, metadata={"gt": 0, "le": 1})
     """vLLM: fraction of the GPU's memory for weights + KV cache (must be free at start)"""
 
@@ -671,6 +678,17 @@ def validate_job_config(config: MTPJobConfig, source: str = "<config>") -> None:
                 "tokens: vLLM zeroes the draft's position-0 embedding, so the draft it serves "
                 "would not be the draft trained; leave it unset"
             )
+    if rollout.compile_decode != "none" and rollout.engine != "native":
+        problems.append(
+            f"rollout.compile_decode = {rollout.compile_decode!r} compiles the native "
+            "engine's decoder; vLLM compiles its own (rollout.vllm_enforce_eager = false)"
+        )
+    if rollout.compile_decode != "none" and degree > 1:
+        problems.append(
+            f"rollout.compile_decode = {rollout.compile_decode!r} with "
+            f"parallelism.tensor_parallel_degree = {degree}: the decoder's TP all-reduces "
+            'are not compiled; set compile_decode = "none"'
+        )
     if rollout.engine == "vllm" and degree > 1:
         problems.append(
             'rollout.engine = "vllm" runs one tensor_parallel_size=1 engine per rank (data '
@@ -839,8 +857,14 @@ def check_runs_here(config: MTPJobConfig) -> None:
     training; ``parse_job_config`` validates a job for any machine): with
     ``rollout.engine = "vllm"`` and no GPU, vLLM's CPU build serves the rollouts, whose
     attention takes only some head_dims and whose MTP draft samples a wrong distribution
-    (benchmarks/vllm_sampling_check.py). Raises :class:`ConfigError` naming the keys."""
+    (benchmarks/vllm_sampling_check.py); ``rollout.compile_decode = "cudagraphs"`` needs a
+    GPU. Raises :class:`ConfigError` naming the keys."""
     rollout, rl = config.rollout, config.rl
+    if rollout.compile_decode == "cudagraphs" and not HAS_ACCELERATOR:
+        raise ConfigError(
+            'this machine (no GPU): rollout.compile_decode = "cudagraphs" replays CUDA '
+            'graphs; use "compile" (torch.compile on CPU) or "none"'
+        )
     if rollout.engine != "vllm" or rl.steps == 0 or HAS_ACCELERATOR:
         return
     from .models import MODEL_NAME, mtp_flavors  # lazy: config stays import-light

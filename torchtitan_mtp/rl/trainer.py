@@ -186,6 +186,7 @@ class RLTrainer(Trainer):
                 tokenizer=self.tokenizer,
                 tp_group=tp_group,
                 speculative_tokens=r.speculative_tokens,
+                compile_decode=r.compile_decode,
             )
         from ..rollout.vllm_engine import VLLMRolloutEngine
 

@@ -33,12 +33,31 @@ MTP modules computes on the accepted sequence (teacher forcing).
 Under tensor parallelism every TP rank decodes its heads; sampled tokens, drafts and
 acceptance decisions are broadcast from the first TP rank so every rank continues
 identically.
+
+Compiled decoding (``compile_decode``, gpt-fast's recipe): a round (draft, verify, accept,
+emit) is one function of device tensors, updated in place, that takes its random numbers
+drawn beforehand (``_Noise``: the same draws, in the same order, as eager decoding, so a
+seed gives the same tokens, up to the compiled kernels' rounding). ``"compile"`` runs it
+through ``torch.compile(fullgraph=True)`` at fixed shapes: attention spans the whole static
+cache (``end`` fixed), so one graph serves every round of a generation, and the cache
+length is a symbol, so it also serves every prompt length (a new batch size or sampling
+setting compiles once more).
+``"cudagraphs"`` (CUDA) also captures the compiled round as one CUDA graph per generation
+and replays it. The prefill, and with drafts the first round (its MTP modules run over the
+whole prompt), stay eager. Host syncs on a GPU: none inside a round; the running-row count
+is copied to the host asynchronously and read one round late (one idle round at the end);
+stop strings (decoded on the host) sync every round, progress lines every few seconds.
+Eager decoding (``"none"``) reads the longest row back every round instead and attends
+over that span only; on CPU it can be the faster one for short answers (measure with
+``benchmarks/rollout.py --compile-decode none,compile``).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -48,10 +67,21 @@ from torchtitan.tools.logging import logger
 from ..models.decode import Decoder
 from .base import Completion, SamplingParams, SpecDecodeStats
 
-__all__ = ["NativeRolloutEngine", "sample_tokens", "sampling_probs", "speculative_accept"]
+__all__ = [
+    "COMPILE_MODES",
+    "NativeRolloutEngine",
+    "sample_tokens",
+    "sampling_probs",
+    "speculative_accept",
+]
 
 PAD_ID = 0
 """Token fed in padding columns and after a row finished; never attended to or returned."""
+
+CompileMode = Literal["none", "compile", "cudagraphs"]
+COMPILE_MODES: tuple[CompileMode, ...] = ("none", "compile", "cudagraphs")
+"""``compile_decode`` values: eager rounds, ``torch.compile``d rounds, or compiled rounds
+replayed as one CUDA graph (CUDA only)."""
 
 
 def _broadcast(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -95,12 +125,10 @@ def sampling_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return logits.softmax(dim=-1)
 
 
-def _draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _draw(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """One sample [...] of each distribution [..., V] (unnormalised is fine), without a host
-    sync: argmax(p / E), E ~ Exp(1)."""
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
-    return (probs / noise).argmax(dim=-1)
+    sync: argmax(p / E) with E ~ Exp(1), ``noise`` [..., V] drawn beforehand."""
+    return (probs / noise.clamp(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
 
 
 def sample_tokens(
@@ -109,7 +137,8 @@ def sample_tokens(
     """Sample tokens [...] from raw float32 logits [..., V] with temperature, top-k, top-p."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    return _draw(sampling_probs(logits, params), generator)
+    probs = sampling_probs(logits, params)
+    return _draw(probs, torch.empty_like(probs).exponential_(1.0, generator=generator))
 
 
 def speculative_accept(
@@ -135,6 +164,22 @@ def speculative_accept(
         of p_K when all K drafts were accepted. Greedy: drafts are kept while they equal the
         target argmax, and ``next`` is the target argmax.
     """
+    noise = None
+    if params.temperature > 0:
+        (batch, num_drafts), vocab = drafts.shape, target_logits.shape[-1]
+        noise = _Noise.empty(batch, 0, num_drafts, vocab, target_logits.device)
+        noise.draw(generator)
+    return _accept(target_logits, drafts, draft_probs, params, noise)
+
+
+def _accept(
+    target_logits: torch.Tensor,
+    drafts: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    params: SamplingParams,
+    noise: _Noise | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``speculative_accept`` with its random numbers drawn beforehand (None: greedy)."""
     batch, num_drafts = drafts.shape
     if params.temperature == 0:
         target = target_logits.argmax(dim=-1)  # [B, K + 1]
@@ -145,8 +190,7 @@ def speculative_accept(
     p_draft = p[:, :num_drafts].gather(-1, drafts[..., None]).squeeze(-1)  # [B, K]
     if num_drafts:
         q_draft = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)
-        u = torch.rand(batch, num_drafts, device=p.device, generator=generator)
-        ok = u * q_draft < p_draft  # accept with probability min(1, p / q)
+        ok = noise.uniform * q_draft < p_draft  # accept with probability min(1, p / q)
         accepted = ok.long().cumprod(dim=1).sum(dim=1)
         q = torch.cat([draft_probs, torch.zeros_like(p[:, :1])], dim=1)  # q_K = 0: p_K itself
     else:
@@ -155,7 +199,34 @@ def speculative_accept(
     p_n, q_n = _at(p, accepted[:, None]).squeeze(1), _at(q, accepted[:, None]).squeeze(1)
     residual = (p_n - q_n).clamp(min=0)
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_n)
-    return accepted, _draw(residual, generator)
+    return accepted, _draw(residual, noise.residual)
+
+
+@dataclass
+class _Noise:
+    """A round's random numbers, drawn in place before the round: a compiled round takes no
+    generator. ``draw`` consumes the generator as eager sampling does (draft 1 .. K, the
+    acceptance tests, the next token), so a seed gives the same tokens either way."""
+
+    drafts: torch.Tensor  # [K_sampled, B, V] Exp(1): sampled drafts 1..K
+    uniform: torch.Tensor  # [B, K] U(0, 1): the acceptance tests
+    residual: torch.Tensor  # [B, V] Exp(1): the next token
+
+    @staticmethod
+    def empty(batch: int, sampled_drafts: int, tests: int, vocab: int, device) -> _Noise:
+        def buffer(*shape: int) -> torch.Tensor:
+            return torch.empty(shape, dtype=torch.float32, device=device)
+
+        return _Noise(
+            buffer(sampled_drafts, batch, vocab), buffer(batch, tests), buffer(batch, vocab)
+        )
+
+    def draw(self, generator: torch.Generator | None) -> None:
+        for noise in self.drafts:
+            noise.exponential_(1.0, generator=generator)
+        if self.uniform.numel():
+            self.uniform.uniform_(generator=generator)
+        self.residual.exponential_(1.0, generator=generator)
 
 
 # ---------------------------------------------------------------------------- the engine
@@ -175,7 +246,7 @@ def _log_progress(
 
 @dataclass
 class _State:
-    """Per-row decoding state; B rows, L positions."""
+    """Per-row decoding state, updated in place; B rows, L positions."""
 
     seq: torch.Tensor  # [B, L] token at each position: prompt, sampled tokens, then drafts
     fed: torch.Tensor  # [B] positions already in the trunk cache (the last sampled is not)
@@ -184,7 +255,38 @@ class _State:
     stop_hit: torch.Tensor  # [B] bool: finished by a stop token or string
     out_tokens: torch.Tensor  # [B, max_new + K + 1]: the last column is a write sink
     out_logp: torch.Tensor  # [B, max_new + K + 1]
+    accepted_per_pos: torch.Tensor  # [K] drafts whose first j + 1 tokens were accepted
+    drafts_made: torch.Tensor  # [] drafts verified
     texts: list[list[int]] | None  # response ids per row, kept for stop strings
+
+
+class _CUDAGraphRound:
+    """A round replayed as one CUDA graph. The first call runs it for real on a side stream
+    (compiling and warming it up) and then records it; every later call replays the
+    recording. Its inputs are one generation's buffers, updated in place, so a replay reads
+    the current state; the graph and its memory pool go with the generation. (Captured
+    here rather than by ``mode="reduce-overhead"``: its CUDA-graph trees treat buffers that
+    are neither parameters nor static as inputs to copy, and skip graphs that mutate them.)
+    """
+
+    def __init__(self, round_fn: Callable):
+        self.round_fn = round_fn
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs = None
+
+    def __call__(self, *args):
+        if self.graph is not None:
+            self.graph.replay()
+            return self.outputs
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            outputs = self.round_fn(*args)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = self.round_fn(*args)
+        return outputs
 
 
 class NativeRolloutEngine:
@@ -197,6 +299,11 @@ class NativeRolloutEngine:
         speculative_tokens: K > 0 drafts K tokens per step with MTP modules 1..K and verifies
             them with one trunk forward (lossless); 0 decodes one token per trunk forward.
         progress_every_s: at most one progress log line per this many seconds.
+        compile_decode: "none" (eager rounds), "compile" (``torch.compile``d rounds at
+            fixed shapes) or "cudagraphs" (compiled rounds replayed as a CUDA graph; CUDA
+            only); see the module docstring. Not under tensor parallelism.
+        compile_backend: ``torch.compile``'s backend ("inductor"; tests pass "eager" or a
+            counting backend to skip code generation).
     """
 
     def __init__(
@@ -207,6 +314,8 @@ class NativeRolloutEngine:
         tp_group: dist.ProcessGroup | None = None,
         speculative_tokens: int = 0,
         progress_every_s: float = 10.0,
+        compile_decode: CompileMode = "none",
+        compile_backend: str | Callable = "inductor",
     ):
         available = len(model.mtp)
         if not 0 <= speculative_tokens <= available:
@@ -215,11 +324,21 @@ class NativeRolloutEngine:
                 f"module(s), and draft token k comes from module k, so it must be in "
                 f"0..{available} ([rollout] speculative_tokens vs [mtp] num_modules)"
             )
+        if compile_decode not in COMPILE_MODES:
+            raise ValueError(
+                f"compile_decode = {compile_decode!r}: one of {', '.join(COMPILE_MODES)}"
+            )
         self.model = model
         self.tokenizer = tokenizer
         self.speculative_tokens = speculative_tokens
         self.decoder = Decoder(model.model_args, speculative_tokens, tp_group)
         self.progress_every_s = progress_every_s
+        self.compile_decode = compile_decode
+        self._compiled_round = None
+        if compile_decode != "none":
+            self._compiled_round = torch.compile(
+                self._round, fullgraph=True, backend=compile_backend
+            )
         self.last_spec_stats: SpecDecodeStats | None = None
 
     def sync_weights(self, version: int | None = None) -> None:
@@ -242,15 +361,25 @@ class NativeRolloutEngine:
                 f"prompt + max_new_tokens = {longest} tokens exceed the model's "
                 f"max_seq_len = {max_seq_len}"
             )
+        if self.compile_decode == "cudagraphs" and self.model.rope_cache.device.type != "cuda":
+            raise ValueError(
+                'compile_decode = "cudagraphs" needs the model on a CUDA device; "compile" '
+                "runs on CPU"
+            )
         batch, prompt_width = len(prompts), max(len(p) for p in prompts)
         length = prompt_width + params.max_new_tokens + self.speculative_tokens
         with self.decoder.bound(self.model, batch, length) as decoder:
+            if self.compile_decode != "none" and decoder.tp_group is not None:
+                raise ValueError(
+                    f"compile_decode = {self.compile_decode!r} under tensor parallelism: "
+                    'not supported (the TP all-reduces are not traced); use "none"'
+                )
             return self._generate(decoder, prompts, params, length)
 
     def _generate(
         self, dec: Decoder, prompts: list[list[int]], params: SamplingParams, length: int
     ) -> list[Completion]:
-        device, dtype, dim = dec.embedding.device, dec.embedding.dtype, dec.embedding.shape[1]
+        device, dtype, (vocab, dim) = dec.embedding.device, dec.embedding.dtype, dec.embedding.shape
         num_drafts, max_new, group = self.speculative_tokens, params.max_new_tokens, dec.tp_group
         batch, prompt_width = len(prompts), max(len(p) for p in prompts)
         prompt_len = torch.tensor([len(p) for p in prompts], device=device)
@@ -265,6 +394,8 @@ class NativeRolloutEngine:
             stop_hit=torch.zeros(batch, dtype=torch.bool, device=device),
             out_tokens=torch.full((batch, max_new + num_drafts + 1), PAD_ID, device=device),
             out_logp=torch.zeros(batch, max_new + num_drafts + 1, device=device),
+            accepted_per_pos=torch.zeros(num_drafts, dtype=torch.long, device=device),
+            drafts_made=torch.zeros((), dtype=torch.long, device=device),
             texts=[[] for _ in prompts] if params.stop_strings else None,
         )
         generator = torch.Generator(device=device).manual_seed(params.seed)
@@ -273,8 +404,9 @@ class NativeRolloutEngine:
         hidden = [
             torch.zeros(batch, length, dim, dtype=dtype, device=device) for _ in range(num_drafts)
         ]
-        accepted_per_pos = torch.zeros(num_drafts, dtype=torch.long, device=device)
-        drafts_made = torch.zeros((), dtype=torch.long, device=device)
+        noise = None
+        if params.temperature > 0:
+            noise = _Noise.empty(batch, num_drafts, num_drafts, vocab, device)
 
         # Prefill: the whole right-padded prompt block; row b's next token from position
         # len_b - 1. Its padding positions are overwritten before anything attends to them.
@@ -283,59 +415,122 @@ class NativeRolloutEngine:
         h, normed = dec.trunk(state.seq[:, :prompt_width], positions, prompt_width)
         logits = dec.logits(_at(normed, (prompt_len - 1)[:, None]))  # [B, 1, V]
         token = _broadcast(sample_tokens(logits, params, generator), group)
-        self._emit(state, params, stop_ids, token, torch.zeros_like(prompt_len), logits)
+        count = self._emit(state, params, stop_ids, token, torch.zeros_like(prompt_len), logits)
+        if state.texts is not None:
+            self._stop_strings(state, params, token, count)
         _put(state.seq, prompt_len[:, None], token)
+        # The first round's MTP modules run over the whole prompt and draft from its end.
+        first_round = None
         if num_drafts:
             hidden[0][:, :prompt_width] = h
-            window, query = positions, prompt_len - 1
-        rounds = 1
-        while True:
-            alive, end = torch.stack([(~state.stopped).sum(), state.fed.max()]).tolist()
-            if not alive:
-                break
+            first_round = (positions, prompt_len - 1)
+        # Eager rounds attend over the longest row so far (read back every round); compiled
+        # ones over the whole cache (end None), a fixed shape.
+        compiled = self.compile_decode != "none"
+        end, step = None, self._round
+        if compiled:
+            # One graph for every cache length L (it follows the prompts): L is symbolic.
+            for buffer in (state.seq, *hidden):
+                torch._dynamo.maybe_mark_dynamic(buffer, 1)
+            dec.mark_length_dynamic()
+            step = self._compiled_round
+            if self.compile_decode == "cudagraphs":
+                step = _CUDAGraphRound(step)
+        # Compiled on a GPU, the host does not wait for a round before queueing the next:
+        # it reads the running rows of round r - 1 (copied asynchronously) once round r is
+        # queued, so a finished batch runs one idle round. On CPU, reading them is free.
+        lagged = compiled and device.type == "cuda"
+        previous = None  # lagged: (event, running rows) of the round before
+        # Every running row emits at least one token per round.
+        rounds = 0
+        for rounds in range(1, max_new):
+            if not lagged or rounds == 1:
+                alive, longest = torch.stack([(~state.stopped).sum(), state.fed.max()]).tolist()
+                if not alive:
+                    break
+                end = None if compiled else longest
             if time.perf_counter() - last_log >= self.progress_every_s:
                 last_log = time.perf_counter()
                 _log_progress(t0, state.generated, state.stopped, rounds, max_new)
-            running = ~state.stopped
-            if num_drafts:
-                drafts, draft_probs = self._draft(
-                    dec, state, hidden, window, query, end, params, generator
+            if noise is not None:
+                noise.draw(generator)
+            if first_round is not None:
+                candidates, count = self._round(
+                    dec, state, hidden, noise, params, stop_ids, end, *first_round
                 )
+                first_round = None
             else:
-                drafts, draft_probs = state.seq.new_zeros(batch, 0), None
-            # Verify: the last sampled token and the drafts, in one trunk forward.
-            positions = state.fed[:, None] + torch.arange(num_drafts + 1, device=device)
-            h, normed = dec.trunk(_at(state.seq, positions), positions, end + num_drafts + 1)
-            logits = dec.logits(normed)  # [B, K + 1, V]
-            accepted, token = speculative_accept(logits, drafts, draft_probs, params, generator)
-            accepted, token = _broadcast(torch.stack([accepted, token]), group)
-            if num_drafts:
-                _put(hidden[0], positions, h)
-                hits = torch.arange(num_drafts, device=device)[None, :] < accepted[:, None]
-                accepted_per_pos += (hits & running[:, None]).sum(dim=0)
-                drafts_made += running.sum()
-            # [d_1 .. d_accepted, token, ...]: the row's new tokens are entries 0..accepted.
-            candidates = torch.cat([drafts, token[:, None]], dim=1)
-            candidates.scatter_(1, accepted[:, None], token[:, None])
-            self._emit(state, params, stop_ids, candidates, accepted, logits)
-            _put(state.seq, (state.fed + accepted + 1)[:, None], token[:, None])
-            state.fed = torch.where(state.stopped, state.fed, state.fed + accepted + 1)
-            if num_drafts:  # module k recomputes its last K + k positions: window of 2K
-                window = (
-                    state.fed[:, None]
-                    - 2 * num_drafts
-                    + torch.arange(2 * num_drafts, device=device)
-                ).clamp(min=0)
-                query = None
-            rounds += 1
+                candidates, count = step(dec, state, hidden, noise, params, stop_ids, end)
+            if state.texts is not None:
+                self._stop_strings(state, params, candidates, count)
+            if lagged:
+                running = (~state.stopped).sum().to("cpu", non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                if previous is not None:
+                    previous[0].synchronize()
+                    if not previous[1]:  # every row had finished: this round was idle
+                        break
+                previous = (event, running)
         if time.perf_counter() - t0 >= self.progress_every_s:  # a summary of long rollouts
             _log_progress(t0, state.generated, state.stopped, rounds, max_new)
         if num_drafts:
-            made = int(drafts_made)
+            made = int(state.drafts_made)
             self.last_spec_stats = SpecDecodeStats(
-                made, made * num_drafts, accepted_per_pos.cpu().tolist()
+                made, made * num_drafts, state.accepted_per_pos.cpu().tolist()
             )
         return self._completions(prompts, state)
+
+    def _round(
+        self,
+        dec: Decoder,
+        state: _State,
+        hidden: list[torch.Tensor],
+        noise: _Noise | None,
+        params: SamplingParams,
+        stop_ids: torch.Tensor,
+        end: int | None,
+        window: torch.Tensor | None = None,
+        query: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One round, in place on ``state``, ``hidden`` and the caches: K drafts, one trunk
+        forward over [last token, d_1 .. d_K], the accepted tokens emitted.
+
+        ``end``: cache positions attended to by the drafts (the verification: end + K + 1);
+        None: the whole cache (L - K - 1, L: every round has the same shapes).
+        ``window`` [B, W] and ``query`` [B]: where the MTP modules run and draft from in the
+        first round (see ``_draft``); None: the last 2K positions and the last one.
+        Returns the candidates [B, K + 1] and the tokens emitted per row [B] (stop strings).
+        """
+        num_drafts, device = self.speculative_tokens, state.seq.device
+        if end is None:
+            end = state.seq.shape[1] - num_drafts - 1
+        running = ~state.stopped
+        if num_drafts:
+            if window is None:  # module k recomputes its last K + k positions: window of 2K
+                offsets = torch.arange(2 * num_drafts, device=device)
+                window = (state.fed[:, None] - 2 * num_drafts + offsets).clamp(min=0)
+            drafts, draft_probs = self._draft(dec, state, hidden, window, query, end, params, noise)
+        else:
+            drafts, draft_probs = state.seq.new_zeros(state.seq.shape[0], 0), None
+        # Verify: the last sampled token and the drafts, in one trunk forward.
+        positions = state.fed[:, None] + torch.arange(num_drafts + 1, device=device)
+        h, normed = dec.trunk(_at(state.seq, positions), positions, end + num_drafts + 1)
+        logits = dec.logits(normed)  # [B, K + 1, V]
+        accepted, token = _accept(logits, drafts, draft_probs, params, noise)
+        accepted, token = _broadcast(torch.stack([accepted, token]), dec.tp_group)
+        if num_drafts:
+            _put(hidden[0], positions, h)
+            hits = torch.arange(num_drafts, device=device)[None, :] < accepted[:, None]
+            state.accepted_per_pos += (hits & running[:, None]).sum(dim=0)
+            state.drafts_made += running.sum()
+        # [d_1 .. d_accepted, token, ...]: the row's new tokens are entries 0..accepted.
+        candidates = torch.cat([drafts, token[:, None]], dim=1)
+        candidates.scatter_(1, accepted[:, None], token[:, None])
+        count = self._emit(state, params, stop_ids, candidates, accepted, logits)
+        _put(state.seq, (state.fed + accepted + 1)[:, None], token[:, None])
+        state.fed.copy_(torch.where(state.stopped, state.fed, state.fed + accepted + 1))
+        return candidates, count
 
     def _draft(
         self,
@@ -346,7 +541,7 @@ class NativeRolloutEngine:
         query: torch.Tensor | None,
         end: int,
         params: SamplingParams,
-        generator: torch.Generator,
+        noise: _Noise | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """K chained drafts [B, K] and the distributions they were sampled from [B, K, V].
 
@@ -367,13 +562,15 @@ class NativeRolloutEngine:
             )
             if k < num_drafts:
                 _put(hidden[k], positions, h)
-            last = query if query is not None else torch.full_like(state.fed, h.shape[1] - 1)
-            logits = dec.logits(_at(normed, last[:, None]).squeeze(1))  # [B, V]
+            if query is None:
+                logits = dec.logits(normed[:, -1])  # [B, V]
+            else:
+                logits = dec.logits(_at(normed, query[:, None]).squeeze(1))
             if params.temperature == 0:
                 draft = logits.argmax(dim=-1)
             else:
                 probs.append(sampling_probs(logits, params))
-                draft = _draw(probs[-1], generator)
+                draft = _draw(probs[-1], noise.drafts[k - 1])
             draft = _broadcast(draft, dec.tp_group)
             _put(state.seq, (state.fed + k)[:, None], draft[:, None])
             drafts.append(draft)
@@ -387,10 +584,10 @@ class NativeRolloutEngine:
         candidates: torch.Tensor,
         accepted: torch.Tensor,
         logits: torch.Tensor,
-    ) -> None:
+    ) -> torch.Tensor:
         """Append candidates [B, T] (entries 0..accepted[b] are the row's new tokens) to the
-        running rows' responses, within max_new_tokens and up to a stop; logits [B, T, V]
-        give their behaviour log-probs."""
+        running rows' responses, within max_new_tokens and up to a stop token; logits
+        [B, T, V] give their behaviour log-probs. Returns the tokens appended per row [B]."""
         max_new = params.max_new_tokens
         running = ~state.stopped
         j = torch.arange(candidates.shape[1], device=candidates.device)[None, :]
@@ -407,13 +604,13 @@ class NativeRolloutEngine:
         state.generated += count
         state.stop_hit |= is_stop.any(dim=1)
         state.stopped |= running & (is_stop.any(dim=1) | (state.generated >= max_new))
-        if state.texts is not None:
-            self._stop_strings(state, params, candidates, count)
+        return count
 
     def _stop_strings(
         self, state: _State, params: SamplingParams, candidates: torch.Tensor, count: torch.Tensor
     ) -> None:
-        """Stop rows whose decoded response now contains a stop string, right after it."""
+        """Stop rows whose decoded response now contains a stop string, right after it (on
+        the host: a sync per round)."""
         counts = count.cpu().tolist()
         rows = [row for row, n in enumerate(counts) if n]
         if not rows:
