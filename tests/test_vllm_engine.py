@@ -12,6 +12,7 @@ measured. Without vLLM the module is skipped, saying what to install.
 import importlib.util
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -133,12 +134,14 @@ def test_vllm_spec_decode_counters_equal_the_native_engines(facts, vllm_case, na
     assert facts[vllm_case] == facts[native_case]
 
 
-def test_two_rl_steps_of_run_train_on_vllm(tmp_path):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_two_rl_steps_of_run_train_on_vllm(tmp_path, nproc):
     """``./run_train.sh --job.config_file train_configs/vllm_cpu.toml``, shortened: SFT,
     then 2 RL steps with rollouts sampled by vLLM with its MTP draft, trunk and draft
     synced before each; vLLM's log-probs equal the trainer's recomputed ones, the draft's
     acceptance is logged, and the job exits cleanly (the engine closes before the process
-    groups go)."""
+    groups go). On 1 process, and under FSDP on 2 (gloo), one vLLM engine per rank, each
+    generating its half of the rollouts."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = subprocess.run(
@@ -160,7 +163,7 @@ def test_two_rl_steps_of_run_train_on_vllm(tmp_path):
             "16",
             "--rollout.vllm_enforce_eager",
         ],  # fmt: skip
-        env=_env(),
+        env={**_env(), "NGPU": str(nproc), "LOG_RANK": ",".join(map(str, range(nproc)))},
         capture_output=True,
         text=True,
         timeout=600,
@@ -168,7 +171,9 @@ def test_two_rl_steps_of_run_train_on_vllm(tmp_path):
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-6000:]
     assert "Invalid process group" not in log
-    assert log.count("vLLM weight sync v") == 2
+    for rank in range(nproc):  # every rank's engine synced before each of the 2 steps
+        assert log.count(f"[rank{rank}]:[titan]") > 0
+        assert len(re.findall(rf"\[rank{rank}\]:.*vLLM weight sync v", log)) == 2, rank
     events = EventAccumulator(str(tmp_path / "tb" / "rl"))
     events.Reload()
     mismatch = [e.value for e in events.Scalars("rollout/logprob_mismatch")]
