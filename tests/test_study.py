@@ -32,7 +32,9 @@ def test_quick_preset_runs_end_to_end_writes_plots_and_table_and_never_redoes_a_
     for variant in ("detach", "frozen", "occ:ratio_of_means", "occ:exact+draft"):
         assert f"| {variant} |" in table
     assert "| output_grad | 1 |" in table and "Spearman" in table
+    assert "Δ vs detach (last 10)" in table
     summary = json.loads((report / "summary.json").read_text())
+    assert set(summary["acceptance_last10"]["frozen"]) == {"0", "1"}  # per seed, for pairing
     assert {row["estimator"] for row in summary["spearman"]} >= {"ratio_of_means", "output_grad"}
     # every run is from the one SFT checkpoint, and exact runs logged exact lambda*
     runs = sorted((tmp_path / "runs").glob("*/seed*"))

@@ -395,6 +395,17 @@ def write_report(config: MTPJobConfig, root: Path) -> Path:
            for v in variants}  # fmt: skip
     reward = {v: per_seed(v, lambda r: _tail_mean(r.scalars.get("rl/reward_mean", {}), tail))
               for v in variants}  # fmt: skip
+
+    def accept_window(r: RunResult, last: bool) -> float:
+        rate = r.scalars.get("mtp/accept_rate", {})
+        steps = sorted(rate)[-10:] if last else sorted(rate)[:10]
+        return sum(rate[s] for s in steps) / len(steps) if steps else math.nan
+
+    accept_first, accept_last = (
+        {v: {s: a for s, a in per_seed(v, lambda r, last=last: accept_window(r, last)).items()
+             if not math.isnan(a)} for v in variants}
+        for last in (False, True)
+    )  # fmt: skip
     ref = "detach" if "detach" in variants else None
 
     def paired(metric: dict, v: str) -> str:
@@ -415,19 +426,13 @@ def write_report(config: MTPJobConfig, root: Path) -> Path:
         "(same SFT checkpoint, same RL seed).",
         "",
         f"| variant | held-out acc (last eval) | Δ vs detach | train reward, last {tail} "
-        "steps | Δ vs detach | acceptance first → last 10 steps | λ_1/(c/K) median | "
-        "λ_1 < 0 |",
-        "|---|---|---|---|---|---|---|---|",
+        "steps | Δ vs detach | acceptance first → last 10 steps | Δ vs detach (last 10) | "
+        "λ_1/(c/K) median | λ_1 < 0 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for v in variants:
-        accept_first, accept_last = [], []
         lam_rel, negative = [], []
         for r in by_variant[v]:
-            rate = r.scalars.get("mtp/accept_rate", {})
-            if rate:
-                steps = sorted(rate)
-                accept_first.append(sum(rate[s] for s in steps[:10]) / len(steps[:10]))
-                accept_last.append(sum(rate[s] for s in steps[-10:]) / len(steps[-10:]))
             for row in r.minibatches:
                 if "applied/head1" in row and (row["epoch"], row["minibatch"]) != (0, 0):
                     lam_rel.append(row["applied/head1"] / base if base else math.nan)
@@ -438,7 +443,8 @@ def write_report(config: MTPJobConfig, root: Path) -> Path:
         lines.append(
             f"| {v} | {_fmt(*_mean_sd(list(acc[v].values())))} | {paired(acc, v)} | "
             f"{_fmt(*_mean_sd(list(reward[v].values())))} | {paired(reward, v)} | "
-            f"{_fmt(*_mean_sd(accept_first), 2)} → {_fmt(*_mean_sd(accept_last), 2)} | "
+            f"{_fmt(*_mean_sd(list(accept_first[v].values())), 2)} → "
+            f"{_fmt(*_mean_sd(list(accept_last[v].values())), 2)} | {paired(accept_last, v)} | "
             f"{median:.3g} | {neg:.2f} |"
         )
     lines += [
@@ -460,7 +466,8 @@ def write_report(config: MTPJobConfig, root: Path) -> Path:
     (report / "study.md").write_text("\n".join(lines))
     summary = {"spearman": [{k: c[k] for k in ("estimator", "head", "n", "spearman", "per_run")}
                             for c in corr],
-               "accuracy": acc, "reward_tail": reward}  # fmt: skip
+               "accuracy": acc, "reward_tail": reward,
+               "acceptance_last10": accept_last}  # fmt: skip
     _write_json(report / "summary.json", summary)
     return report
 
