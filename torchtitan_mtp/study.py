@@ -238,8 +238,9 @@ def _last(series: dict[int, float]) -> float:
     return series[max(series)] if series else math.nan
 
 
-def _tail_mean(series: dict[int, float], n: int) -> float:
-    steps = sorted(series)[-n:]
+def _tail_mean(series: dict[int, float], n: int, head: bool = False) -> float:
+    """Mean of the last ``n`` steps' values (the first ``n`` with ``head``)."""
+    steps = sorted(series)[:n] if head else sorted(series)[-n:]
     return sum(series[s] for s in steps) / len(steps) if steps else math.nan
 
 
@@ -396,16 +397,12 @@ def write_report(config: MTPJobConfig, root: Path) -> Path:
     reward = {v: per_seed(v, lambda r: _tail_mean(r.scalars.get("rl/reward_mean", {}), tail))
               for v in variants}  # fmt: skip
 
-    def accept_window(r: RunResult, last: bool) -> float:
-        rate = r.scalars.get("mtp/accept_rate", {})
-        steps = sorted(rate)[-10:] if last else sorted(rate)[:10]
-        return sum(rate[s] for s in steps) / len(steps) if steps else math.nan
+    def acceptance(v: str, head: bool) -> dict[int, float]:
+        rates = per_seed(v, lambda r: _tail_mean(r.scalars.get("mtp/accept_rate", {}), 10, head))
+        return {seed: a for seed, a in rates.items() if not math.isnan(a)}
 
-    accept_first, accept_last = (
-        {v: {s: a for s, a in per_seed(v, lambda r, last=last: accept_window(r, last)).items()
-             if not math.isnan(a)} for v in variants}
-        for last in (False, True)
-    )  # fmt: skip
+    accept_first = {v: acceptance(v, head=True) for v in variants}
+    accept_last = {v: acceptance(v, head=False) for v in variants}
     ref = "detach" if "detach" in variants else None
 
     def paired(metric: dict, v: str) -> str:
